@@ -1,0 +1,121 @@
+"""Shared defaults for every model config.
+
+Each model config (`configs/grm_vit.py`, ...) calls `base_config()` and overrides fields; variants
+(`:tiny`, `:demo`, `:384`) are parsed by `parse_variant`.
+"""
+
+import ml_collections
+
+# HF config.json key names, so an HF directory's config can replace these one for one.
+VIT_B16 = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+               intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-12, image_size=224,
+               patch_size=16, num_channels=3, qkv_bias=True)
+SWIN_B = dict(model_type="swin", embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
+              window_size=7, image_size=224, patch_size=4, num_channels=3, mlp_ratio=4.0,
+              qkv_bias=True, hidden_act="gelu", layer_norm_eps=1e-5)
+BERT_BASE = dict(model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                 num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
+                 max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12)
+# Tiny random encoders for CPU tests.
+VIT_TINY = dict(VIT_B16, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=128, image_size=64, patch_size=16)
+SWIN_TINY = dict(SWIN_B, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                 image_size=64, patch_size=4)
+BERT_TINY = dict(BERT_BASE, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=128, max_position_embeddings=128)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_variant(arg):
+  """'tiny' / 'demo,384' / 'tiny,seed=3' -> ({'tiny', ...}, {'seed': '3'})."""
+  flags, kv = set(), {}
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      k, v = part.split("=", 1)
+      kv[k.strip()] = v.strip()
+    else:
+      flags.add(part)
+  return flags, kv
+
+
+def base_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "grm"  # grm | seps
+  c.model.vision = ml_collections.ConfigDict(VIT_B16)
+  c.model.vision_hf_dir = ""  # local HF directory with pretrained weights ("" = random init)
+  c.model.text = ml_collections.ConfigDict(BERT_BASE)
+  c.model.text_hf_dir = ""
+  c.model.freeze_text = False
+  c.model.embed_dim = 512
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "flickr30k_karpathy"  # flickr30k_karpathy | coco_karpathy | synthetic_regions
+  c.data.data_dir = "data_cache/tfds"
+  c.data.manual_dir = ""
+  c.data.image_dir = ""
+  c.data.image_size = 224
+  c.data.mean = IMAGENET_MEAN
+  c.data.std = IMAGENET_STD
+  c.data.max_len = 32
+  c.data.dense_max_len = 90
+  c.data.tokenizer_dir = ""  # dir with vocab.txt; "" = the text encoder's dir
+  c.data.text_aug_prob = 0.2
+  c.data.crop_scale = (0.6, 1.0)
+  c.data.num_workers = 0
+  c.data.synthetic = ml_collections.ConfigDict(dict(num_train=5000, num_test=500, num_dev=200,
+                                                    image_size=64, seed=0))
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-4
+  c.optim.backbone_lr_mult = 0.1
+  c.optim.weight_decay = 1e-4
+  c.optim.decay_epochs = (9, 15, 20, 25)
+  c.optim.decay_factor = 0.3
+  c.optim.warmup_steps = 0
+  c.optim.clip_norm = 2.0
+  c.optim.grad_accum = 1
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kind = "hinge"  # hinge | infonce
+  c.loss.margin = 0.2
+  c.loss.warmup_epochs = 1  # all-negative epochs before hardest negatives
+  c.loss.init_temperature = 0.07
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128
+  c.train.num_epochs = 30
+  c.train.max_steps = -1  # > 0 caps the run (demo/tests)
+  c.train.max_minutes = -1.0  # > 0 stops (with a checkpoint) after this wall-clock budget
+  c.train.log_every = 50
+  c.train.eval_every = -1  # steps; -1 = once per epoch
+  c.train.eval_on = "dev"
+  c.train.final_eval_split = "test"
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 128
+  c.eval.chunk = 256  # pair-grid tile for the scoring kernel
+  c.eval.protocol = "flickr1k"
+  c.eval.dense_mode = "honest"
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # (regex over '/'-joined param path, PartitionSpec as tuple of mesh axes or None).
+  # Kernels whose first dim is large are split over 'fsdp'; everything else replicated.
+  c.sharding_rules = (
+      (r".*(kernel|embedding)$", ("fsdp", None)),
+  )
+  c.fsdp_min_size = 2 ** 16  # params smaller than this are replicated
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.keep_best = True
+  return c
