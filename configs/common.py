@@ -83,6 +83,8 @@ def base_config():
   c.optim.warmup_steps = 0
   c.optim.clip_norm = 2.0
   c.optim.grad_accum = 1
+  # Parameters trained at backbone_lr_mult x lr (regex over the '/'-joined param path).
+  c.optim.backbone_patterns = (r"^vision_encoder/", r"^text_encoder/")
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = "hinge"  # hinge | infonce
