@@ -1,0 +1,406 @@
+"""SEPS: sparse-and-dense token selection (SDTPS) + relevance-aware alignment (HRPA), in Flax.
+
+Reimplements the cross-modal head of the SEPS authors' PyTorch code (`CrossSparseAggrNet_v2`,
+github.com/maxingan2412/seps @ 7f4dfa6) with the behaviour described in `spec/seps.md`:
+
+Per image-caption pair and per branch (sparse caption / dense caption), on the raw projected
+tokens:
+  1. Image tokens `[CLS?, X]`: a CLS exists iff the token count is not a perfect square.
+  2. score_n = cos(x_n, mean_n x) + cos(x_n, mean of the guiding text's tokens).
+  3. Keep the top K = ceil(N * rho) patches (ties: lower index first).
+  4. Dropped patches -> one fused token (softmax of their scores, weighted sum).
+  5. Kept patches -> N_c tokens: W = softmax over kept of scale * MLP(x) (MLP = LayerNorm(eps
+     1e-5) -> Linear(D, int(0.2 D)) -> GELU(erf) -> Linear(N_c)), aggregated = W^T x_kept.
+  6. Tokens [CLS?, aggregated, fused] are L2-normalised, then
+     HRPA = mean_words max_tokens A + mean_tokens max_words A, A = LeakyReLU_0.1(words . tokens^T).
+The pair score is the SUM of the branches.
+
+All pairs are scored in tiles of the pair grid (`lax.map` over image tiles, then caption tiles),
+so memory is O(tile). Everything that depends on one side only is computed once: per image the
+patch norms, the image mean, and the aggregation net's per-patch logits (every layer of that net
+acts per token, so logits of the kept patches are a gather of per-image logits); per text the
+normalised mean and normalised words. Per pair only the selection, the masked softmaxes, the
+weighted sums and HRPA remain.
+
+Dense captions (`dense_mode`):
+  * "parity": the official behaviour. The dense text is a second query paired with the caption:
+    caption j's dense text is the one of its ground-truth image (training: the same batch row;
+    evaluation: `caption_image[j]`). Dense branch(I, j) = SDTPS(I guided by dense_j) aligned with
+    dense_j's words. At evaluation all text features are cut to `eval_text_cut` tokens (the
+    official encoder stores 90 positions; dense captions then lose [SEP]).
+  * "honest": the dense text describes the CANDIDATE image. Dense branch(I, j) = SDTPS(I guided by
+    dense_I) aligned with the QUERY caption j's words. Nothing about the query's answer leaks.
+
+Selection gradients (`selection`):
+  * "official": as the official code, the selection scores, the top-k, the gathered patches, the
+    aggregation net's input and the fused token carry no gradient (`stop_gradient` on the patch
+    tokens and the text means used for selection). Only the CLS token (ViT) and the text words in
+    HRPA reach the encoders; the aggregation net's parameters do get gradients.
+  * "straight_through": same forward values. Backward: (a) no stop_gradient anywhere, so patch
+    tokens get gradients through the aggregated and fused tokens, the aggregation net's input,
+    and the selection scores inside the fused-token softmax; (b) the hard keep mask m is replaced
+    in the backward pass by a soft mask s_n = sigmoid((score_n - theta) / st_temperature), theta =
+    midpoint of the K-th and (K+1)-th scores (m + s - stop_gradient(s)); the mask enters the
+    softmaxes as weights (softmax over kept == m * exp / sum m * exp), so the selection scores,
+    and through them the patches and the guiding text, receive a gradient from which patches were
+    kept. In the mask's backward pass a dropped patch's exp(logit) is clipped at the largest kept
+    one, so the surrogate stays finite.
+"""
+
+import math
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from gseps_jax.models import encoders
+from gseps_jax.models import hf_import
+
+DENSE_MODES = ("parity", "honest")
+SELECTIONS = ("official", "straight_through")
+NORM_EPS = 1e-12  # torch.nn.functional.normalize default
+AGGR_LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by the official aggregation net
+LEAKY_SLOPE = 0.1
+_PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
+               "default": lax.Precision.DEFAULT}
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers shared by the head, the model and the tests.
+# ----------------------------------------------------------------------------------------------
+def has_cls(num_tokens: int) -> bool:
+  """Official rule: an image token set has a leading CLS iff its length is not a perfect square."""
+  return math.isqrt(num_tokens) ** 2 != num_tokens
+
+
+def num_kept(num_patches: int, rho: float) -> int:
+  """K = ceil(N * rho), with the official float expression."""
+  return math.ceil(num_patches * rho)
+
+
+def num_aggregated(num_patches: int, alpha: float, rho: float) -> int:
+  """N_c = int(num_patches * alpha * rho) (official order of the float products)."""
+  return int(num_patches * alpha * rho)
+
+
+def backbone_num_patches(vision_cfg) -> int:
+  """Spatial tokens (CLS excluded) of the vision backbone at its configured image size: the
+  official `num_patches` (196 / 576 for ViT-B/16 at 224 / 384, 49 / 144 for Swin-B)."""
+  h, w = encoders.encoder_grid(vision_cfg)
+  return h * w
+
+
+def ratio_loss(k: int, n: int, rho: float, num_branches: int, weight: float) -> float:
+  """Official ratio term weight * (mean(sum of branch keep masks) - rho)^2 = weight*(b K/N - rho)^2.
+
+  The keep masks are a hard top-k, so this is a constant with no gradient; it is reported, not
+  trained on.
+  """
+  return float(weight) * (num_branches * k / n - rho) ** 2
+
+
+def l2_normalize(x: Array, eps: float = NORM_EPS) -> Array:
+  """x / max(||x||, eps) over the last axis (torch F.normalize), with a finite gradient at 0."""
+  ss = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  return x * lax.rsqrt(jnp.maximum(ss, eps * eps))
+
+
+def _masked_softmax(logits: Array, keep: Array, hard: Array, axis: int) -> Array:
+  """Softmax of `logits` over `axis` restricted to `hard` entries, written as keep*exp / sum.
+
+  `keep` equals `hard` in value (it may carry a straight-through gradient). At least one entry
+  along `axis` must be kept. Dropped entries get exactly 0.
+  """
+  mx = lax.stop_gradient(jnp.max(jnp.where(hard, logits, -jnp.inf), axis=axis, keepdims=True))
+  z = logits - mx
+  # Dropped entries only matter for keep's (straight-through) gradient: clip them at the kept max
+  # so that exp cannot overflow.
+  e = keep * jnp.exp(jnp.where(hard, z, jnp.minimum(z, 0.0)))
+  return e / jnp.sum(e, axis=axis, keepdims=True)
+
+
+def masked_mean(tokens: Array, mask: Array) -> Array:
+  """[..., L, D], [..., L] -> [..., D] mean over valid positions (0 for an empty mask)."""
+  m = mask.astype(tokens.dtype)
+  return jnp.einsum("...ld,...l->...d", tokens, m) / jnp.maximum(m.sum(-1), 1.0)[..., None]
+
+
+def prepare_texts(tokens: Array, mask: Array) -> dict:
+  """Per-text quantities that do not depend on the image.
+
+  Args:
+    tokens: [Nt, L, D] raw projected text tokens.
+    mask: [Nt, L] bool, valid positions ([CLS] and [SEP] included).
+  Returns:
+    dict(glo=[Nt, D] normalised mean of the valid tokens (the selection guide),
+         words=[Nt, L, D] normalised tokens, mask=[Nt, L] bool).
+  """
+  tokens = tokens.astype(jnp.float32)
+  mask = mask.astype(bool)
+  return dict(glo=l2_normalize(masked_mean(tokens, mask)), words=l2_normalize(tokens), mask=mask)
+
+
+def hrpa_from_sims(sims: Array, mask: Array) -> Array:
+  """HRPA from raw cosine similarities.
+
+  Args:
+    sims: [..., L, T] word . image-token cosines.
+    mask: [..., L] bool valid words (broadcastable against sims[..., 0]).
+  Returns:
+    [...] mean over words of max over tokens + mean over tokens of max over words (a SUM).
+  """
+  a = jax.nn.leaky_relu(sims, LEAKY_SLOPE)
+  m = jnp.broadcast_to(mask, a.shape[:-1])
+  row = jnp.max(a, axis=-1)
+  t2i = jnp.sum(jnp.where(m, row, 0.0), -1) / jnp.maximum(m.sum(-1), 1)
+  # A large finite fill keeps padded (all-invalid) texts finite; they are sliced off anyway.
+  col = jnp.max(jnp.where(m[..., None], a, -1e30), axis=-2)
+  return t2i + jnp.mean(col, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# SDTPS for a tile of pairs.
+# ----------------------------------------------------------------------------------------------
+def sdtps_tokens(img: dict, text_cos: Array, *, k: int, selection: str, st_temperature: float,
+                 precision=lax.Precision.HIGHEST) -> Array:
+  """Selected + aggregated + fused image tokens for a tile of (image, guide text) pairs.
+
+  Args:
+    img: per-image cache for Ti images (see `SEPSHead.prepare_images`): cls [Ti, C, D] (C in
+      {0, 1}), x [Ti, N, D], self_attn [Ti, N], logits [Ti, N, N_c].
+    text_cos: [Ti, Tg, N] cos(x_n, guide-text mean) for Tg guide texts per image.
+    k: number of kept patches (1 <= k <= N).
+  Returns:
+    [Ti, Tg, C + N_c + 1, D] L2-normalised tokens [CLS?, aggregated, fused].
+  """
+  score = img["self_attn"][:, None, :] + text_cos
+  n = score.shape[-1]
+  straight = selection == "straight_through"
+  top_v, top_i = lax.top_k(lax.stop_gradient(score), min(k + 1, n) if straight else k)
+  hard = jnp.any(top_i[..., :k, None] == jnp.arange(n), axis=-2)  # [Ti, Tg, N]
+  keep = hard.astype(score.dtype)
+  if straight and k < n:
+    theta = 0.5 * (top_v[..., k - 1] + top_v[..., k])
+    soft = jax.nn.sigmoid((score - theta[..., None]) / st_temperature)
+    keep = keep + (soft - lax.stop_gradient(soft))
+  # Aggregation: softmax over the kept patches of the per-patch logits, [Ti, Tg, N, N_c].
+  w = _masked_softmax(img["logits"][:, None], keep[..., None], hard[..., None], axis=-2)
+  agg = jnp.einsum("ijnc,ind->ijcd", w, img["x"], precision=precision)
+  ti, tg = score.shape[:2]
+  d = img["x"].shape[-1]
+  if k < n:
+    f = _masked_softmax(score, 1.0 - keep, ~hard, axis=-1)
+    fused = jnp.einsum("ijn,ind->ijd", f, img["x"], precision=precision)[:, :, None]
+  else:  # nothing dropped: the official softmax over an empty set sums to a zero token
+    fused = jnp.zeros((ti, tg, 1, d), agg.dtype)
+  cls = jnp.broadcast_to(img["cls"][:, None], (ti, tg) + img["cls"].shape[1:])
+  return l2_normalize(jnp.concatenate([cls, agg, fused], axis=2))
+
+
+def _tile(tree, size: int):
+  """Pads every leaf's leading axis to a multiple of `size` and splits it: [n, ...] ->
+  [ceil(n/size), size, ...]."""
+  def one(a):
+    n = a.shape[0]
+    pad = (-n) % size
+    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape((a.shape[0] // size, size) + a.shape[1:])
+  return jax.tree_util.tree_map(one, tree)
+
+
+def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
+                use_sparse: bool = True, use_dense: bool = True, dense_mode: str = "honest",
+                selection: str = "official", st_temperature: float = 0.05,
+                chunk: Union[None, int, Sequence[int]] = None,
+                precision=lax.Precision.HIGHEST) -> Array:
+  """All-pairs SEPS scores, tiled over the pair grid.
+
+  Args:
+    img: per-image cache, leaves with leading axis Ni (`SEPSHead.prepare_images`).
+    cap: caption cache from `prepare_texts`, leading axis Nc.
+    dense: dense-caption cache from `prepare_texts`; leading axis Nc (caption-aligned) in
+      "parity" mode, Ni (image-aligned) in "honest" mode. Unused if `use_dense` is False.
+    k: kept patches per selection.
+    chunk: pair tile (images, captions); an int is used for both; None = one tile.
+  Returns:
+    [Ni, Nc] float32 scores (row = image, column = caption).
+  """
+  if not (use_sparse or use_dense):
+    raise ValueError("SEPS needs at least one branch (sparse and/or dense).")
+  if dense_mode not in DENSE_MODES:
+    raise ValueError(f"dense_mode must be one of {DENSE_MODES}, got {dense_mode!r}.")
+  if selection not in SELECTIONS:
+    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
+  ni, nc = img["x"].shape[0], cap["words"].shape[0]
+  if use_dense:
+    if dense is None:
+      raise ValueError("The dense branch is on but no dense-caption features were given.")
+    want = nc if dense_mode == "parity" else ni
+    if dense["words"].shape[0] != want:
+      raise ValueError(
+          f"dense_mode={dense_mode!r} needs dense features aligned with the "
+          f"{'captions' if dense_mode == 'parity' else 'images'} ({want}), got "
+          f"{dense['words'].shape[0]}.")
+  honest = use_dense and dense_mode == "honest"
+  parity = use_dense and dense_mode == "parity"
+  sel = dict(k=k, selection=selection, st_temperature=st_temperature, precision=precision)
+
+  def cos(xn, glo):  # [Ti, N, D], [Tg, D] -> [Ti, Tg, N]
+    return jnp.einsum("ind,jd->ijn", xn, glo, precision=precision)
+
+  def per_pair_branch(im, guide, words, mask):  # guide and align text both caption-aligned
+    toks = sdtps_tokens(im, cos(im["xn"], guide), **sel)  # [Ti, Tc, T, D]
+    sims = jnp.einsum("ijtd,jld->ijlt", toks, words, precision=precision)
+    return hrpa_from_sims(sims, mask[None])
+
+  def tile_scores(im, own, cp, dn):
+    s = 0.0
+    if use_sparse:
+      s = s + per_pair_branch(im, cp["glo"], cp["words"], cp["mask"])
+    if parity:
+      s = s + per_pair_branch(im, dn["glo"], dn["words"], dn["mask"])
+    if honest:
+      sims = jnp.einsum("itd,jld->ijlt", own, cp["words"], precision=precision)
+      s = s + hrpa_from_sims(sims, cp["mask"][None])
+    return s
+
+  def image_tile(im, dn_img):
+    if not honest:
+      return im, None
+    # Honest dense branch: selection depends on the image alone, so its tokens are per image.
+    guide = jnp.einsum("ind,id->in", im["xn"], dn_img["glo"], precision=precision)[:, None]
+    return im, sdtps_tokens(im, guide, **sel)[:, 0]
+
+  if chunk is None:
+    ti, tc = ni, nc
+  elif isinstance(chunk, int):
+    ti, tc = chunk, chunk
+  else:
+    ti, tc = chunk
+  ti, tc = max(1, min(ti, ni)), max(1, min(tc, nc))
+  dense_img = dense if honest else None
+  dense_cap = dense if parity else None
+  if ti >= ni and tc >= nc:
+    im, own = image_tile(img, dense_img)
+    return tile_scores(im, own, cap, dense_cap)
+
+  cap_tiles = _tile((cap, dense_cap), tc)
+
+  def outer(args):
+    im, own = image_tile(*args)
+    return lax.map(lambda c: tile_scores(im, own, *c), cap_tiles)  # [nct, Ti, Tc]
+
+  out = lax.map(outer, _tile((img, dense_img), ti))  # [nit, nct, Ti, Tc]
+  out = out.transpose(0, 2, 1, 3).reshape(out.shape[0] * ti, out.shape[1] * tc)
+  return out[:ni, :nc]
+
+
+# ----------------------------------------------------------------------------------------------
+# Linen modules.
+# ----------------------------------------------------------------------------------------------
+class AggregationNet(nn.Module):
+  """Per-patch aggregation logits: scale * Linear(GELU(Linear(LayerNorm(x)))).
+
+  Official `TokenAggregation.weight` (+ `scale`); every layer acts per token, so the logits of any
+  subset of patches are a gather of these. [..., N, D] -> [..., N, num_out].
+  """
+  num_out: int
+  dim_ratio: float = 0.2
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    hidden = int(x.shape[-1] * self.dim_ratio)
+    h = nn.LayerNorm(epsilon=AGGR_LN_EPS, use_fast_variance=False, name="norm")(x)
+    h = nn.Dense(hidden, precision=lax.Precision.HIGHEST, name="fc1")(h)
+    h = nn.gelu(h, approximate=False)
+    h = nn.Dense(self.num_out, precision=lax.Precision.HIGHEST, name="fc2")(h)
+    scale = self.param("scale", nn.initializers.ones, (), jnp.float32)
+    return h * scale
+
+
+class SEPSHead(nn.Module):
+  """SDTPS + HRPA pair scorer over projected token sets (the official `cross_net`).
+
+  Attributes:
+    num_aggregated: N_c aggregated tokens per selection.
+    rho: keep ratio (K = ceil(N * rho)).
+    use_sparse, use_dense: which branches are summed (LAPS = sparse only).
+    dense_mode: "parity" | "honest" (module docstring).
+    selection: "official" | "straight_through" (module docstring).
+    st_temperature: soft-mask temperature of the straight-through backward pass.
+    precision: matmul precision name ("highest" matches PyTorch fp32).
+  """
+  num_aggregated: int
+  rho: float
+  dim_ratio: float = 0.2
+  use_sparse: bool = True
+  use_dense: bool = True
+  dense_mode: str = "honest"
+  selection: str = "official"
+  st_temperature: float = 0.05
+  precision: str = "highest"
+
+  def setup(self):
+    if self.selection not in SELECTIONS:
+      raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}.")
+    if self.dense_mode not in DENSE_MODES:
+      raise ValueError(f"dense_mode must be one of {DENSE_MODES}, got {self.dense_mode!r}.")
+    self.aggr_net = AggregationNet(self.num_aggregated, self.dim_ratio)
+
+  def prepare_images(self, tokens: Array) -> dict:
+    """Per-image quantities that do not depend on the text.
+
+    Args:
+      tokens: [Ni, L, D] raw projected image tokens ([CLS] first iff L is not a square).
+    Returns:
+      dict(cls=[Ni, C, D], x=[Ni, N, D], xn=[Ni, N, D] normalised patches, self_attn=[Ni, N]
+      cos(x_n, mean x), logits=[Ni, N, N_c] aggregation logits).
+    """
+    tokens = tokens.astype(jnp.float32)
+    c = 1 if has_cls(tokens.shape[1]) else 0
+    cls, x = tokens[:, :c], tokens[:, c:]
+    if self.selection == "official":
+      x = lax.stop_gradient(x)  # the official selection/gather/fusion run under no_grad
+    xn = l2_normalize(x)
+    glo = l2_normalize(jnp.mean(x, axis=1))
+    self_attn = jnp.einsum("ind,id->in", xn, glo, precision=_PRECISIONS[self.precision])
+    return dict(cls=cls, x=x, xn=xn, self_attn=self_attn, logits=self.aggr_net(x))
+
+  def prepare_texts(self, tokens: Array, mask: Array) -> dict:
+    """`prepare_texts`, with the selection guide detached in "official" selection."""
+    out = prepare_texts(tokens, mask)
+    if self.selection == "official":
+      out["glo"] = lax.stop_gradient(out["glo"])
+    return out
+
+  def __call__(self, img_tokens: Array, cap_tokens: Array, cap_mask: Array,
+               dense_tokens: Optional[Array] = None, dense_mask: Optional[Array] = None, *,
+               chunk=None) -> Array:
+    """Scores every (image, caption) pair.
+
+    Args:
+      img_tokens: [Ni, L, D] projected image tokens.
+      cap_tokens, cap_mask: [Nc, Lt, D], [Nc, Lt] captions.
+      dense_tokens, dense_mask: [Nd, Ld, D], [Nd, Ld] dense captions, Nd = Nc ("parity",
+        caption j's dense caption) or Ni ("honest", image i's dense caption).
+      chunk: pair tile, see `pair_scores`.
+    Returns:
+      [Ni, Nc] scores.
+    """
+    img = self.prepare_images(img_tokens)
+    cap = self.prepare_texts(cap_tokens, cap_mask)
+    dense = None
+    if self.use_dense:
+      if dense_tokens is None or dense_mask is None:
+        raise ValueError("use_dense=True needs dense_tokens and dense_mask.")
+      dense = self.prepare_texts(dense_tokens, dense_mask)
+    n = img["x"].shape[1]
+    return pair_scores(img, cap, dense, k=num_kept(n, self.rho), use_sparse=self.use_sparse,
+                       use_dense=self.use_dense, dense_mode=self.dense_mode,
+                       selection=self.selection, st_temperature=self.st_temperature, chunk=chunk,
+                       precision=_PRECISIONS[self.precision])

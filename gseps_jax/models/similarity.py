@@ -1,0 +1,262 @@
+"""The token-level bidirectional similarity kernel (the one hot kernel of GRM).
+
+For an x-item with token set X = {x_l} (valid where `x_mask`) and a y-item with token set
+Y = {y_m} (valid where `y_mask`), with every token L2-normalised:
+
+  x2y(X, Y) = mean over valid l of  max over valid m of cos(x_l, y_m)
+  y2x(X, Y) = mean over valid m of  max over valid l of cos(x_l, y_m)
+  both(X, Y) = (x2y + y2x) / 2
+
+The name says which side asks: in "x2y" every x token looks for its best match among the y tokens
+and the x side is averaged. With x = image tokens and y = caption tokens, "x2y" is image-to-text
+(i2t) and "y2x" is text-to-image (t2i: each word finds its best patch, averaged over words).
+
+`token_similarity` scores every (x-item, y-item) pair -> `[Bx, By]`. The pair grid is cut into
+tiles of `chunk` x `chunk` pairs (the batch sizes need not be multiples: the inputs are padded
+with empty items and the result is sliced) and the tiles are visited with `lax.map`, so the
+`[tile_x, tile_y, Lx, Ly]` cosine block of one tile is the largest intermediate, in the forward
+and (thanks to `jax.checkpoint` around the tile) in the backward pass.
+
+Empty items: an item with no valid token scores exactly 0 against everything (and so gets zero
+gradient). Invalid tokens never win a max and never enter a mean. All values stay finite.
+
+`sharded_token_similarity` runs the same kernel under `shard_map` with x split over one mesh axis
+and y over another (or replicated), giving the score matrix sharded `P(x_axis, y_axis)` without
+any communication: every device scores its own block of the pair grid.
+"""
+
+import functools
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DIRECTIONS = ("x2y", "y2x", "both")
+# Fill for masked-out cosines before a max: far below any cosine (>= -1) yet finite, so that an
+# all-invalid row gives a finite (then discarded) value instead of -inf / NaN gradients.
+_NEG = -1e4
+
+Chunk = Optional[Union[int, Tuple[int, int]]]
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """`x * rsqrt(sum(x^2) + eps)` over the last axis, computed in float32.
+
+  The `x / (||x|| + eps)` form has a NaN gradient at all-zero (padding) vectors; this one does not.
+
+  Args:
+    x: `[..., D]`.
+    eps: added to the squared norm.
+
+  Returns:
+    `[..., D]` in float32 (float64 stays float64), unit norm; zero vectors stay zero.
+  """
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _masked_max_mean(s, max_mask, mean_mask, max_axis):
+  """Masked max of `s` over `max_axis`, then masked mean over the remaining token axis.
+
+  Args:
+    s: `[cx, cy, Lx, Ly]` float32 cosines.
+    max_mask: boolean, broadcastable to `s`: tokens allowed to win the max.
+    mean_mask: boolean `[cx or 1, cy or 1, L]` (L = the axis left after the max).
+    max_axis: 2 (max over x tokens) or 3 (max over y tokens).
+
+  Returns:
+    `[cx, cy]`; 0 where either side has no valid token.
+  """
+  best = jnp.max(jnp.where(max_mask, s, _NEG), axis=max_axis)  # [cx, cy, L]
+  any_max = jnp.any(max_mask, axis=max_axis)  # the max side has >= 1 valid token
+  count = jnp.sum(mean_mask, axis=-1)
+  total = jnp.sum(jnp.where(mean_mask & any_max, best, 0.0), axis=-1)
+  return total / jnp.maximum(count, 1).astype(total.dtype)
+
+
+def _tile_scores(xt, xm, yt, ym, *, direction, precision, acc_dtype):
+  """Scores of one tile of the pair grid.
+
+  Args:
+    xt: `[cx, Lx, D]` normalised x tokens (compute dtype).
+    xm: `[cx, Lx]` bool.
+    yt: `[cy, Ly, D]` normalised y tokens (compute dtype).
+    ym: `[cy, Ly]` bool.
+
+  Returns:
+    `[cx, cy]` float32.
+  """
+  # fp32 accumulation whatever the input dtype; XLA fuses the masked max into the consumer of
+  # the dot output, so only the [cx, cy, Lx, Ly] block of this tile exists at once.
+  s = jnp.einsum("ild,jmd->ijlm", xt, yt, precision=precision,
+                 preferred_element_type=acc_dtype)
+  xm4 = xm[:, None, :, None]  # [cx, 1, Lx, 1]
+  ym4 = ym[None, :, None, :]  # [1, cy, 1, Ly]
+  out = []
+  if direction in ("x2y", "both"):  # each x token: best y token; average over x tokens
+    out.append(_masked_max_mean(s, ym4, xm[:, None, :], max_axis=3))
+  if direction in ("y2x", "both"):  # each y token: best x token; average over y tokens
+    out.append(_masked_max_mean(s, xm4, ym[None, :, :], max_axis=2))
+  return out[0] if len(out) == 1 else 0.5 * (out[0] + out[1])
+
+
+def _tile_sizes(chunk: Chunk, bx: int, by: int) -> Tuple[int, int]:
+  if chunk is None:
+    return bx, by
+  cx, cy = (chunk, chunk) if isinstance(chunk, int) else tuple(chunk)
+  if cx < 1 or cy < 1:
+    raise ValueError(f"chunk must be positive, got {chunk!r}")
+  return min(cx, bx), min(cy, by)
+
+
+def _pad_items(t, m, n):
+  """Pads the item axis of tokens `[B, L, D]` and mask `[B, L]` to `n` with empty items."""
+  pad = n - t.shape[0]
+  if pad == 0:
+    return t, m
+  return (jnp.pad(t, ((0, pad), (0, 0), (0, 0))), jnp.pad(m, ((0, pad), (0, 0))))
+
+
+def _check_inputs(x, x_mask, y, y_mask, direction):
+  if direction not in DIRECTIONS:
+    raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+  if x.ndim != 3 or y.ndim != 3:
+    raise ValueError(f"x and y must be [B, L, D]; got x {x.shape}, y {y.shape}")
+  if x.shape[-1] != y.shape[-1]:
+    raise ValueError(f"token widths differ: x {x.shape}, y {y.shape}")
+  if x_mask.shape != x.shape[:2] or y_mask.shape != y.shape[:2]:
+    raise ValueError(f"masks must be [B, L] matching the tokens: x {x.shape} / x_mask "
+                     f"{x_mask.shape}, y {y.shape} / y_mask {y_mask.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("direction", "chunk", "compute_dtype", "precision"))
+def token_similarity(x: jax.Array, x_mask: jax.Array, y: jax.Array, y_mask: jax.Array, *,
+                     direction: str = "both", chunk: Chunk = None,
+                     compute_dtype: Any = None,
+                     precision: Optional[lax.Precision] = None) -> jax.Array:
+  """All-pairs token-level similarity, tiled over the pair grid.
+
+  Args:
+    x: `[Bx, Lx, D]` tokens of the x items (e.g. images), any float dtype.
+    x_mask: `[Bx, Lx]` bool (or 0/1): valid x tokens.
+    y: `[By, Ly, D]` tokens of the y items (e.g. captions).
+    y_mask: `[By, Ly]` bool (or 0/1): valid y tokens.
+    direction: "x2y" (x tokens ask, averaged over x), "y2x" (y tokens ask, averaged over y) or
+      "both" (the two halved); see the module docstring.
+    chunk: pair-grid tile: None = one tile with all pairs; an int c = c x c tiles; a pair
+      (cx, cy). Peak memory is O(cx * cy * Lx * Ly) instead of O(Bx * By * Lx * Ly).
+    compute_dtype: dtype of the normalised tokens fed to the matmul (e.g. jnp.bfloat16);
+      accumulation and the reductions are float32 in every case. None = float32.
+    precision: `lax.Precision` of the matmul (e.g. HIGHEST for true fp32 on TPU/GPU TF32).
+
+  Returns:
+    `[Bx, By]` float32 scores (float64 for float64 inputs) in [-1, 1]; 0 for pairs where an
+    item has no valid token.
+  """
+  _check_inputs(x, x_mask, y, y_mask, direction)
+  x_mask = x_mask.astype(bool)
+  y_mask = y_mask.astype(bool)
+  # float32 unless the inputs are float64 (x64 mode, used by the gradient tests).
+  base = jnp.result_type(x.dtype, y.dtype, jnp.float32)
+  cdt = base if compute_dtype is None else jnp.dtype(compute_dtype)
+  acc = jnp.promote_types(cdt, jnp.float32)
+  # Normalise once (O(B L D)), outside the tile loop; masked tokens are zeroed so garbage in
+  # padding cannot matter even before the masks are applied.
+  xn = jnp.where(x_mask[..., None], l2_normalize(x), 0.0).astype(cdt)
+  yn = jnp.where(y_mask[..., None], l2_normalize(y), 0.0).astype(cdt)
+  bx, lx, d = x.shape
+  by, ly, _ = y.shape
+  cx, cy = _tile_sizes(chunk, bx, by)
+  nx, ny = -(-bx // cx), -(-by // cy)
+  tile = functools.partial(_tile_scores, direction=direction, precision=precision,
+                           acc_dtype=acc)
+  if nx == 1 and ny == 1:
+    return tile(xn, x_mask, yn, y_mask)
+
+  xn, xm = _pad_items(xn, x_mask, nx * cx)
+  yn, ym = _pad_items(yn, y_mask, ny * cy)
+  xs = (xn.reshape(nx, cx, lx, d), xm.reshape(nx, cx, lx))
+  ys = (yn.reshape(ny, cy, ly, d), ym.reshape(ny, cy, ly))
+  # Rematerialise each tile in the backward pass: otherwise scan saves every tile's cosine block
+  # as a residual and the backward needs the full [Bx, By, Lx, Ly] after all.
+  tile = jax.checkpoint(tile)
+
+  def row(xb):
+    return lax.map(lambda yb: tile(xb[0], xb[1], yb[0], yb[1]), ys)  # [ny, cx, cy]
+
+  out = lax.map(row, xs)  # [nx, ny, cx, cy]
+  out = out.transpose(0, 2, 1, 3).reshape(nx * cx, ny * cy)
+  return out[:bx, :by]
+
+
+AxisName = Optional[Union[str, Sequence[str]]]
+
+
+def _axis_size(mesh: Mesh, axis: AxisName) -> int:
+  if axis is None:
+    return 1
+  names = (axis,) if isinstance(axis, str) else tuple(axis)
+  size = 1
+  for n in names:
+    if n not in mesh.shape:
+      raise ValueError(f"mesh has no axis {n!r}; axes are {tuple(mesh.shape)}")
+    size *= mesh.shape[n]
+  return size
+
+
+@functools.lru_cache(maxsize=64)
+def make_sharded_similarity(mesh: Mesh, x_axis: AxisName, y_axis: AxisName, *,
+                            direction: str = "both", chunk: Chunk = None,
+                            compute_dtype: Any = None,
+                            precision: Optional[lax.Precision] = None):
+  """Builds (once per argument set) a jitted, sharded version of `token_similarity`.
+
+  Args:
+    mesh: the device mesh.
+    x_axis: mesh axis (or tuple of axes) splitting the x items; None = replicated.
+    y_axis: mesh axis (or tuple) splitting the y items; None = replicated. Must not share an
+      axis with `x_axis`.
+    direction, chunk, compute_dtype, precision: as in `token_similarity` (chunk applies to each
+      device's local block).
+
+  Returns:
+    `f(x [Bx,Lx,D], x_mask [Bx,Lx], y [By,Ly,D], y_mask [By,Ly]) -> [Bx, By]` whose output has
+    sharding `NamedSharding(mesh, P(x_axis, y_axis))`. Bx must be a multiple of the size of
+    `x_axis` and By of `y_axis`.
+  """
+  xs = set() if x_axis is None else ({x_axis} if isinstance(x_axis, str) else set(x_axis))
+  ys = set() if y_axis is None else ({y_axis} if isinstance(y_axis, str) else set(y_axis))
+  if xs & ys:
+    raise ValueError(f"x_axis {x_axis!r} and y_axis {y_axis!r} share mesh axes {xs & ys}")
+  kernel = functools.partial(token_similarity, direction=direction, chunk=chunk,
+                             compute_dtype=compute_dtype, precision=precision)
+  px, py = P(x_axis), P(y_axis)
+  mapped = jax.shard_map(kernel, mesh=mesh, in_specs=(px, px, py, py),
+                         out_specs=P(x_axis, y_axis))
+  nx, ny = _axis_size(mesh, x_axis), _axis_size(mesh, y_axis)
+  jitted = jax.jit(mapped,
+                   in_shardings=tuple(NamedSharding(mesh, p) for p in (px, px, py, py)),
+                   out_shardings=NamedSharding(mesh, P(x_axis, y_axis)))
+
+  def f(x, x_mask, y, y_mask):
+    if x.shape[0] % nx or y.shape[0] % ny:
+      raise ValueError(f"batch sizes must divide the mesh axes: Bx={x.shape[0]} over "
+                       f"{x_axis!r} (size {nx}), By={y.shape[0]} over {y_axis!r} (size {ny}); "
+                       "pad the item axis with empty items (mask all False) and slice")
+    return jitted(x, x_mask, y, y_mask)
+
+  return f
+
+
+def sharded_token_similarity(mesh: Mesh, x_axis: AxisName, y_axis: AxisName,
+                             x: jax.Array, x_mask: jax.Array, y: jax.Array, y_mask: jax.Array,
+                             **kwargs) -> jax.Array:
+  """`token_similarity` with x split over `x_axis` and y over `y_axis`; see
+  `make_sharded_similarity`. Returns `[Bx, By]` sharded `P(x_axis, y_axis)`."""
+  if isinstance(x_axis, list):
+    x_axis = tuple(x_axis)
+  if isinstance(y_axis, list):
+    y_axis = tuple(y_axis)
+  return make_sharded_similarity(mesh, x_axis, y_axis, **kwargs)(x, x_mask, y, y_mask)

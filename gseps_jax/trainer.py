@@ -1,0 +1,295 @@
+"""The training loop behind `python -m gseps_jax.train`.
+
+`train_and_evaluate(config, workdir)` runs the same on 1 CPU, a multi-GPU host and a TPU pod
+slice: parameters are created directly in their shardings (`jit(init, out_shardings=...)`), the
+step is compiled once with input/output shardings and a donated state, each process feeds its own
+slice of every global batch, and orbax checkpoints (async; on preemption signals; at the end) make
+a restarted command continue exactly where the last checkpoint left off, including the data order.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+
+from gseps_jax import checkpoint as ckpt_lib
+from gseps_jax import losses
+from gseps_jax import models
+from gseps_jax import optim
+from gseps_jax import sharding
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def loss_fn(params, batch, rng, step, *, model, config, steps_per_epoch):
+  """Scalar loss and metrics for one batch (pure; `step` is a traced int)."""
+  rngs = dict(zip(("dropout", "gumbel", "noise"), jax.random.split(rng, 3)))
+  sims, aux = model.apply({"params": params}, batch, train=True, rngs=rngs)
+  epoch_f = step / steps_per_epoch
+  warmup = epoch_f < config.loss.warmup_epochs
+  # Official recipe: during the warm-up epoch the all-negative loss is scaled by i / n_batches.
+  warmup_scale = jnp.minimum(1.0, (step % steps_per_epoch + 1) / steps_per_epoch)
+  return losses.total_loss(sims, aux, batch, config, params=params, warmup=warmup,
+                           warmup_scale=warmup_scale)
+
+
+def train_step(state: TrainState, batch, rng, *, model, tx, config, steps_per_epoch):
+  step_rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.value_and_grad(
+      functools.partial(loss_fn, model=model, config=config, steps_per_epoch=steps_per_epoch),
+      has_aux=True)
+  (loss, metrics), grads = grad_fn(state.params, batch, step_rng, state.step)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _abstract_and_shardings(init_fn, mesh, config):
+  abstract = jax.eval_shape(init_fn)
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules, config.fsdp_min_size)
+  return abstract, shardings
+
+
+def create_train_state(config, model, tx, sample_batch, mesh, rng, pretrained=None):
+  """Initialises the state directly in its shardings. `pretrained`: params to splice in."""
+
+  def init():
+    rngs = dict(zip(("params", "dropout", "gumbel", "noise"), jax.random.split(rng, 4)))
+    params = model.init(rngs, sample_batch, train=False)["params"]
+    params = flax.core.unfreeze(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract, shardings = _abstract_and_shardings(init, mesh, config)
+  state = jax.jit(init, out_shardings=shardings)()
+  if pretrained:
+    params = dict(state.params)
+    for name, tree in pretrained.items():
+      params[name] = jax.tree.map(
+          lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+          tree, state.params[name])
+    state = state.replace(params=params)
+  return state, abstract, shardings
+
+
+def install_signal_handlers():
+  """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+  received = []
+
+  def handler(signum, _):
+    received.append(signum)
+    log.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, handler)
+  return received
+
+
+class MetricsWriter:
+  """metrics.jsonl + TensorBoard event files (tensorboardX, no TensorFlow); process 0 only."""
+
+  def __init__(self, workdir):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, metrics: dict, prefix: str = ""):
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    for k, v in metrics.items():
+      if np.ndim(v) == 0 and isinstance(v, (int, float, np.number, np.ndarray, jax.Array)):
+        row[prefix + k] = float(v)
+        self.tb.add_scalar(prefix + k, float(v), int(step))
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    self.tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self.tb.close()
+
+
+def _load_pretrained(config) -> dict:
+  """Encoder params from local HF directories named in the config (empty when training from
+  scratch). Keys are the model's submodule names."""
+  from gseps_jax.models import hf_import  # pylint: disable=g-import-not-at-top
+  out = {}
+  for key, name in (("vision_hf_dir", "vision_encoder"), ("text_hf_dir", "text_encoder")):
+    d = config.model.get(key, "")
+    if d:
+      _, params = hf_import.load_hf_encoder(d)
+      out[name] = params
+  return out
+
+
+def _check_finite(step, metrics):
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(
+        f"Loss became {loss} at step {step}; stopping without saving this state. The last good "
+        f"checkpoint is kept; lower optim.lr or enable optim.clip_norm and resume.")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
+  from gseps_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  workdir = epath.Path(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  data = pipeline.TrainData(config.data, seed=config.seed,
+                            global_batch_size=config.train.batch_size)
+  steps_per_epoch = max(1, data.steps_per_epoch)
+  total_steps = steps_per_epoch * config.train.num_epochs
+  if config.train.max_steps > 0:
+    total_steps = min(total_steps, config.train.max_steps)
+
+  mesh = sharding.make_mesh(config.mesh)
+  model = models.build_model(config.model)
+  sample = data.sample_batch()
+  rng = jax.random.key(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+
+  # The optimiser's labels need the param tree; build it abstractly first.
+  abstract_params = jax.eval_shape(
+      lambda: model.init({"params": init_rng, "dropout": init_rng, "gumbel": init_rng,
+                          "noise": init_rng}, sample, train=False)["params"])
+  tx, head_lr, _ = optim.make_optimizer(config.optim, steps_per_epoch, abstract_params)
+
+  with mesh:
+    state, abstract, state_shardings = create_train_state(
+        config, model, tx, sample, mesh, init_rng, pretrained=_load_pretrained(config))
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                 best_metric="rsum" if config.checkpoint.keep_best else None)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_shardings)
+    restored = ckpt.restore(abstract, config)
+    if restored is not None:
+      state, meta = restored
+      log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    start_step = int(state.step)
+
+    batch_shard = sharding.batch_sharding(mesh)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, config=config,
+                          steps_per_epoch=steps_per_epoch),
+        in_shardings=(state_shardings, batch_shard, sharding.replicated(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,))
+    evaluator = eval_lib.Evaluator(config, model, mesh, split=config.train.eval_on)
+
+    writer = MetricsWriter(workdir)
+    signals = install_signal_handlers()
+    eval_every = config.train.eval_every if config.train.eval_every > 0 else steps_per_epoch
+    meta = {"config": config.to_dict(), "fingerprint": ckpt_lib.fingerprint(config)}
+    t0 = time.time()
+    last = {}
+    progress = _progress(start_step, total_steps, is_main)
+    batches = data.iterate(start_step=start_step)
+    step = start_step
+    try:
+      for step in range(start_step, total_steps):
+        batch = sharding.global_batch(next(batches), mesh)
+        state, metrics = step_fn(state, batch, train_rng)
+        done = step + 1
+        if done % config.train.log_every == 0 or done == total_steps or done == start_step + 1:
+          metrics = jax.device_get(metrics)
+          _check_finite(done, metrics)
+          metrics["lr"] = float(head_lr(done - 1))
+          metrics["steps_per_s"] = (done - start_step) / (time.time() - t0)
+          writer.write(done, metrics, "train/")
+          progress.update(done, metrics)
+          last = metrics
+        stop = bool(signals) or (config.train.max_minutes > 0 and
+                                 (time.time() - t0) / 60 > config.train.max_minutes)
+        eval_metrics = None
+        if done % eval_every == 0 and done != total_steps and not stop:
+          eval_metrics = evaluator.run(state.params)
+          writer.write(done, eval_metrics, f"{config.train.eval_on}/")
+          progress.note(f"step {done} {config.train.eval_on} rsum {eval_metrics['rsum']:.1f}")
+        if (done % config.checkpoint.every_steps == 0 or eval_metrics is not None or stop or
+            ckpt.reached_preemption(done)):
+          ckpt.save(done, state, dict(meta, data_state=data.state(done)),
+                    metrics=eval_metrics and {"rsum": eval_metrics["rsum"]})
+        if stop or ckpt.reached_preemption(done):
+          log.warning("Stopping at step %d (%s); re-run the same command to resume.", done,
+                      "signal" if signals else "time budget")
+          break
+      else:
+        done = total_steps
+    finally:
+      progress.close()
+    final_step = int(state.step)
+    if final_step == total_steps and ckpt.latest_step() != final_step:
+      ckpt.save(final_step, state, dict(meta, data_state=data.state(final_step)))
+    ckpt.wait()
+    results = {"step": final_step, "train": {k: float(v) for k, v in last.items()}}
+    if final_step == total_steps or (config.train.max_minutes > 0 and not signals):
+      split = config.train.final_eval_split
+      final = eval_lib.Evaluator(config, model, mesh, split=split).run(state.params)
+      writer.write(final_step, final, f"{split}/")
+      results[split] = final
+      if is_main:
+        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+        print(eval_lib.format_table(final, title=f"{config.model.name} {split} "
+                                    f"(step {final_step})"))
+    writer.close()
+    ckpt.close()
+    return results
+
+
+class _progress:
+  """tqdm bar on process 0 showing step, loss, lr, steps/s and ETA."""
+
+  def __init__(self, start, total, enabled):
+    self.bar = None
+    if enabled:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+    self.pos = start
+
+  def update(self, step, metrics):
+    if self.bar is None:
+      return
+    self.bar.update(step - self.pos)
+    self.pos = step
+    self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                         it_s=f"{metrics['steps_per_s']:.2f}")
+
+  def note(self, text):
+    if self.bar is not None:
+      self.bar.write(text)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()

@@ -1,0 +1,182 @@
+"""Tests of the token-similarity kernel against an independent float64 NumPy double loop."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+from jax.test_util import check_grads
+import numpy as np
+import pytest
+
+from gseps_jax.models import similarity
+from gseps_jax.models.similarity import token_similarity
+
+
+def numpy_reference(x, xm, y, ym, direction):
+  """float64 double loop straight from the definition (no tiling, no masking tricks)."""
+  out = np.zeros((len(x), len(y)))
+  for i in range(len(x)):
+    for j in range(len(y)):
+      a, b = x[i][xm[i]].astype(np.float64), y[j][ym[j]].astype(np.float64)
+      if len(a) == 0 or len(b) == 0:
+        continue  # documented: an empty item scores 0
+      a = a / np.linalg.norm(a, axis=1, keepdims=True)
+      b = b / np.linalg.norm(b, axis=1, keepdims=True)
+      cos = a @ b.T  # [la, lb]
+      x2y, y2x = cos.max(axis=1).mean(), cos.max(axis=0).mean()
+      out[i, j] = {"x2y": x2y, "y2x": y2x, "both": 0.5 * (x2y + y2x)}[direction]
+  return out
+
+
+def ragged(seed, bx=7, by=5, lx=6, ly=4, d=8):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(bx, lx, d)).astype(np.float32)
+  y = rng.normal(size=(by, ly, d)).astype(np.float32)
+  xm = rng.random((bx, lx)) < 0.6
+  ym = rng.random((by, ly)) < 0.6
+  xm[:, 0] = True  # at least one valid token ...
+  ym[:, 0] = True
+  xm[min(3, bx - 1)] = False  # ... except one empty x item and one empty y item
+  ym[min(1, by - 1)] = False
+  x[~xm] = 1e3 * rng.normal(size=((~xm).sum(), d))  # garbage in padding must not matter
+  return x, xm, y, ym
+
+
+@pytest.mark.parametrize("direction", ["x2y", "y2x", "both"])
+@pytest.mark.parametrize("chunk", [None, 3, (2, 4)])  # 3 and 4 do not divide 7 / 5
+def test_matches_numpy_double_loop(direction, chunk):
+  x, xm, y, ym = ragged(0)
+  got = token_similarity(x, xm, y, ym, direction=direction, chunk=chunk)
+  assert got.shape == (7, 5) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), numpy_reference(x, xm, y, ym, direction),
+                             atol=2e-6)
+
+
+def test_direction_names_follow_the_asking_side():
+  # x has one token equal to y's first token and nothing else; y has an extra orthogonal token.
+  # x2y: x's only token finds a perfect match -> 1. y2x: y's tokens average 1 and 0 -> 0.5.
+  x = jnp.array([[[1.0, 0.0]]])
+  y = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
+  mx, my = jnp.ones((1, 1), bool), jnp.ones((1, 2), bool)
+  assert float(token_similarity(x, mx, y, my, direction="x2y")[0, 0]) == pytest.approx(1.0)
+  assert float(token_similarity(x, mx, y, my, direction="y2x")[0, 0]) == pytest.approx(0.5)
+  assert float(token_similarity(x, mx, y, my, direction="both")[0, 0]) == pytest.approx(0.75)
+
+
+def test_invalid_tokens_never_win_a_max():
+  # The masked-out y token is identical to x's token; the valid one is anti-aligned -> -1.
+  x = jnp.array([[[1.0, 0.0]]])
+  y = jnp.array([[[1.0, 0.0], [-1.0, 0.0]]])
+  s = token_similarity(x, jnp.ones((1, 1), bool), y, jnp.array([[False, True]]))
+  assert float(s[0, 0]) == pytest.approx(-1.0)
+
+
+def test_gradients_match_finite_differences():
+  x, xm, y, ym = ragged(1, bx=3, by=2, lx=3, ly=3, d=4)
+  with jax.enable_x64(True):
+    x64, y64 = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
+    for chunk in (None, 2):
+      f = lambda a, b: token_similarity(a, xm, b, ym, direction="both", chunk=chunk)
+      assert f(x64, y64).dtype == jnp.float64
+      check_grads(f, (x64, y64), order=1, modes=("rev",), eps=1e-6, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_is_finite_with_zero_padding_and_tiling_agrees():
+  x, xm, y, ym = ragged(2)
+  x = np.where(xm[..., None], x, 0.0)  # all-zero padding vectors: x/(|x|+eps) would give NaN
+  grads = [np.asarray(jax.grad(lambda a: token_similarity(a, xm, y, ym, chunk=c).sum())(
+      jnp.asarray(x))) for c in (None, (3, 2))]
+  np.testing.assert_allclose(grads[0], grads[1], atol=1e-6)  # the tiled backward is the same
+  gx = grads[1]
+  assert np.isfinite(gx).all()
+  assert np.abs(gx[3]).max() == 0.0  # the empty item gets no gradient
+  assert np.abs(gx[~xm]).max() == 0.0  # nor do padding tokens
+  assert np.abs(gx[xm]).max() > 0.0
+
+
+def test_bf16_compute_is_close_to_fp32():
+  x, xm, y, ym = ragged(4, d=64)
+  f32 = token_similarity(x, xm, y, ym)
+  b16 = token_similarity(jnp.asarray(x, jnp.bfloat16), xm, jnp.asarray(y, jnp.bfloat16), ym,
+                         compute_dtype=jnp.bfloat16, chunk=3)
+  assert b16.dtype == jnp.float32  # fp32 accumulation and output
+  np.testing.assert_allclose(np.asarray(b16), np.asarray(f32), atol=2e-2)
+  assert np.abs(np.asarray(b16) - np.asarray(f32)).max() > 0  # really took the bf16 path
+
+
+def test_tiling_bounds_memory():
+  """Compiled temp memory of a tiled call is far below one full [Bx,By,Lx,Ly] block."""
+  x, m = jnp.ones((32, 40, 16)), jnp.ones((32, 40), bool)
+  full_block = 32 * 32 * 40 * 40 * 4
+  temp = lambda c: token_similarity.lower(x, m, x, m, chunk=c).compile().memory_analysis(
+  ).temp_size_in_bytes
+  assert temp(None) >= full_block  # the untiled kernel does hold the whole block
+  assert temp(4) < full_block / 8  # tiles of 4x4 pairs: 1/64 of it (plus small buffers)
+  grad_temp = jax.jit(jax.grad(lambda a: token_similarity(a, m, x, m, chunk=4).sum())).lower(
+      x).compile().memory_analysis().temp_size_in_bytes
+  assert grad_temp < full_block / 8  # the backward is tiled too (checkpointed tiles)
+
+
+def test_clear_errors():
+  x, m = jnp.ones((2, 3, 4)), jnp.ones((2, 3), bool)
+  with pytest.raises(ValueError, match="direction"):
+    token_similarity(x, m, x, m, direction="i2t")
+  with pytest.raises(ValueError, match="widths"):
+    token_similarity(x, m, jnp.ones((2, 3, 5)), m)
+  with pytest.raises(ValueError, match="masks"):
+    token_similarity(x, m[:, :2], x, m)
+  with pytest.raises(ValueError, match="chunk"):
+    token_similarity(x, m, x, m, chunk=0)
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np, jax
+    from jax.sharding import Mesh
+    from gseps_jax.models.similarity import sharded_token_similarity
+    data = np.load(sys.argv[1])
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+    report = {"n_devices": jax.device_count()}
+    for name, xa, ya, chunk in [("a_b", "a", "b", None), ("ab_rep", ("a", "b"), None, 3),
+                                ("rep_b", None, "b", (1, 1))]:
+      out = sharded_token_similarity(mesh, xa, ya, data["x"], data["xm"], data["y"], data["ym"],
+                                     chunk=chunk)
+      np.save(sys.argv[2] + name + ".npy", np.asarray(out))
+      spec = [a if a is None or isinstance(a, str) else list(a) for a in out.sharding.spec]
+      report[name] = {"spec": spec,
+                      "shard_shape": list(out.addressable_shards[0].data.shape)}
+    print(json.dumps(report))
+""")
+
+
+def test_sharded_on_8_fake_devices_matches_one_device(tmp_path):
+  x, xm, y, ym = ragged(5, bx=16, by=8)
+  np.savez(tmp_path / "in.npz", x=x, xm=xm, y=y, ym=ym)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path / "in.npz"),
+                         str(tmp_path / "out_")], env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["n_devices"] == 8
+  assert report["a_b"] == {"spec": ["a", "b"], "shard_shape": [8, 2]}
+  assert report["ab_rep"] == {"spec": [["a", "b"], None], "shard_shape": [2, 8]}
+  assert report["rep_b"] == {"spec": [None, "b"], "shard_shape": [16, 2]}
+  one_device = np.asarray(token_similarity(x, xm, y, ym))
+  for name in ("a_b", "ab_rep", "rep_b"):
+    np.testing.assert_allclose(np.load(tmp_path / f"out_{name}.npy"), one_device, atol=1e-6)
+  np.testing.assert_allclose(one_device, numpy_reference(x, xm, y, ym, "both"), atol=2e-6)
+
+
+def test_sharded_rejects_bad_axes():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("a",))
+  with pytest.raises(ValueError, match="share mesh axes"):
+    similarity.make_sharded_similarity(mesh, "a", "a")
+  x, m = jnp.ones((2, 3, 4)), jnp.ones((2, 3), bool)
+  with pytest.raises(ValueError, match="no axis"):
+    similarity.sharded_token_similarity(mesh, "zz", None, x, m, x, m)
