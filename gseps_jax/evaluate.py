@@ -47,3 +47,181 @@ def format_table(m: dict, title: str = "") -> str:
   row = " | ".join(f"{m[c]:7.2f}" for c in cols)
   lines = [title, head, row] if title else [head, row]
   return "\n".join(lines)
+
+
+def _gather(x):
+  """Per-process-sharded features -> the full host array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class Evaluator:
+  """Encodes a split once and scores all image x caption pairs on the mesh.
+
+  `run(params) -> dict` is what both the CLI and the training loop call.
+  """
+
+  def __init__(self, config, model, mesh, *, split: str, protocol: str | None = None,
+               dense_mode: str | None = None, chunk: int | None = None, batch_size=None):
+    from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    self.config, self.model, self.mesh = config, model, mesh
+    self.split = split
+    self.protocol = protocol or config.eval.protocol
+    if self.protocol not in PROTOCOLS:
+      raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {self.protocol!r}.")
+    self.dense_mode = dense_mode or config.eval.dense_mode
+    self.chunk = chunk or config.eval.chunk
+    self.batch_size = batch_size or config.eval.batch_size
+    self.data = pipeline.EvalData(config.data, split)
+    self.uses_dense = config.model.name == "seps" and config.model.seps.use_dense
+    self._encode_img = jax.jit(functools.partial(model.apply, method="encode_images"))
+    self._encode_txt = jax.jit(functools.partial(model.apply, method="encode_texts"))
+    self._scorer = None
+
+  # -- encoding -------------------------------------------------------------------------------
+  def _encode(self, fn, params, batches, n):
+    """Runs `fn` over host batches sharded on the mesh; returns host features for n items."""
+    ndev = self.mesh.devices.size
+    out = []
+    for batch in batches:
+      m = len(next(iter(batch.values())))
+      padded = {k: _pad_rows(np.asarray(v), ndev) for k, v in batch.items()}
+      arrays = jax.device_put(padded, sharding.batch_sharding(self.mesh))
+      feats = fn({"params": params}, *[arrays[k] for k in padded])
+      out.append(jax.tree.map(lambda a, m=m: _gather(a)[:m], feats))
+    feats = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *out)
+    assert len(jax.tree.leaves(feats)[0]) == n
+    return feats
+
+  def encode(self, params):
+    img = self._encode(self._encode_img, params, self.data.image_batches(self.batch_size),
+                       self.data.num_images)
+    txt = self._encode(self._encode_txt, params, self.data.caption_batches(self.batch_size),
+                       self.data.num_captions)
+    dense = None
+    if self.uses_dense:
+      dense = self._encode(self._encode_txt, params, self.data.dense_batches(self.batch_size),
+                           self.data.num_images)
+    return img, txt, dense
+
+  # -- scoring --------------------------------------------------------------------------------
+  def _make_scorer(self):
+    """jit(shard_map): each device scores its rows of images against every caption."""
+    rows = P(sharding.BATCH_AXES)
+    parity = self.uses_dense and self.dense_mode == "parity"
+    dense_spec = P() if parity else rows
+    model, chunk, mode = self.model, self.chunk, self.dense_mode
+
+    def local(params, img, txt, dense, caption_image):
+      kw = {}
+      if self.config.model.name == "seps":
+        kw = dict(dense_mode=mode, caption_image=caption_image if parity else None)
+      return model.apply({"params": params}, img, txt, dense, chunk=chunk, method="score", **kw)
+
+    def scorer(params, img, txt, dense, caption_image):
+      f = shard_map(local, mesh=self.mesh,
+                    in_specs=(P(), rows, P(), dense_spec, P()),
+                    out_specs=rows, check_rep=False)
+      return f(params, img, txt, dense, caption_image)
+
+    return jax.jit(scorer)
+
+  def scores(self, params, feats=None) -> jax.Array:
+    """[n_images, n_captions] scores as a jax.Array whose rows are sharded over the mesh."""
+    img, txt, dense = feats if feats is not None else self.encode(params)
+    ni = self.data.num_images
+    ndev = self.mesh.devices.size
+    img = jax.tree.map(lambda a: _pad_rows(a, ndev), img)
+    if dense is not None and not (self.dense_mode == "parity"):
+      dense = jax.tree.map(lambda a: _pad_rows(a, ndev), dense)
+    caption_image = np.arange(self.data.num_captions, dtype=np.int32) // self.data.captions_per_image
+    if self._scorer is None:
+      self._scorer = self._make_scorer()
+    with self.mesh:
+      sims = self._scorer(params, img, txt, dense, caption_image)
+    return sims[:ni]
+
+  def run(self, params, *, save_scores: str | None = None) -> dict:
+    t0 = time.time()
+    feats = self.encode(params)
+    t1 = time.time()
+    sims = self.scores(params, feats)
+    sims.block_until_ready()
+    t2 = time.time()
+    cpi = self.data.captions_per_image
+    out = {}
+    if self.protocol in ("flickr1k", "coco5k"):
+      out = metrics_lib.retrieval_metrics(sims, cpi)
+    elif self.protocol == "coco1k":
+      out = metrics_lib.coco_1k_folds(sims, cpi)
+    else:  # all
+      out = {f"5k_{k}": v for k, v in metrics_lib.retrieval_metrics(sims, cpi).items()}
+      out.update(metrics_lib.coco_1k_folds(sims, cpi))
+    out = {k: float(v) for k, v in out.items()}
+    out.update(encode_seconds=t1 - t0, score_seconds=t2 - t1, num_images=self.data.num_images,
+               num_captions=self.data.num_captions)
+    if save_scores and jax.process_index() == 0:
+      with epath.Path(save_scores).open("wb") as f:
+        np.save(f, _gather(sims))
+    return out
+
+
+_CKPT = flags.DEFINE_string("checkpoint", None, "Training workdir or WORKDIR/checkpoints/STEP.")
+_SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
+_PROTOCOL = flags.DEFINE_enum("protocol", None, PROTOCOLS, "Evaluation protocol (default: the "
+                              "config's eval.protocol).")
+_DENSE = flags.DEFINE_enum("dense_mode", "honest", ("honest", "parity"), "SEPS dense-caption "
+                           "mode (parity = the official, answer-leaking evaluation).")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default: CHECKPOINT workdir/eval_"
+                           "<split>).")
+_SAVE = flags.DEFINE_bool("save_scores", False, "Also write the score matrix as scores.npy.")
+_CHUNK = flags.DEFINE_integer("chunk", None, "Pair tile size (default: config eval.chunk).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
+
+
+def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode="honest", out=None,
+                        save_scores=False, chunk=None, data_dir=None) -> dict:
+  from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
+  from gseps_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  config, step, _ = ckpt_lib.load_config_from_checkpoint(path)
+  if data_dir:
+    config.data.data_dir = data_dir
+  mesh = sharding.make_mesh(config.mesh)
+  config, model, params, step = trainer.restore_params(path, mesh, config)
+  ev = Evaluator(config, model, mesh, split=split, protocol=protocol, dense_mode=dense_mode,
+                 chunk=chunk)
+  workdir, _ = ckpt_lib.resolve(path)
+  out = epath.Path(out) if out else workdir / f"eval_{split}"
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+  m = ev.run(params, save_scores=str(out / "scores.npy") if save_scores else None)
+  result = {"metrics": m, "protocol": ev.protocol, "split": split, "checkpoint_step": step,
+            "model": config.model.name,
+            "dense_mode": ev.dense_mode if ev.uses_dense else None,
+            "timings": {"encode_s": m["encode_seconds"], "score_s": m["score_seconds"]}}
+  if jax.process_index() == 0:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.rename(out / "results.json")
+    mode = f", dense_mode={ev.dense_mode}" if ev.uses_dense else ""
+    print(format_table(m if "rsum" in m else {k[3:]: v for k, v in m.items()},
+                       title=f"{config.model.name} {split} {ev.protocol} (step {step}{mode})"))
+    print(f"encode {m['encode_seconds']:.1f}s, score {m['score_seconds']:.1f}s -> {out}/results.json")
+  return result
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  from gseps_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.maybe_initialize()
+  evaluate_checkpoint(_CKPT.value, split=_SPLIT.value, protocol=_PROTOCOL.value,
+                      dense_mode=_DENSE.value, out=_OUT.value, save_scores=_SAVE.value,
+                      chunk=_CHUNK.value, data_dir=_DATA_DIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["checkpoint"])
+  app.run(main)

@@ -188,7 +188,8 @@ def total_loss(sims: Mapping[str, jax.Array], aux: Mapping[str, jax.Array],
                level_weights: Optional[Mapping[str, float]] = None,
                aux_weights: Optional[Mapping[str, float]] = None,
                warmup: Bool = False, warmup_scale: Union[float, jax.Array] = 1.0,
-               log_temperature: Optional[jax.Array] = None) -> Tuple[jax.Array, dict]:
+               log_temperature: Optional[jax.Array] = None,
+               params: Optional[Mapping[str, Any]] = None) -> Tuple[jax.Array, dict]:
   """sum_level w_level * L(sims[level]) + sum_name w_name * aux[name].
 
   GRM: sims = {'ori', 'key', 'unc'} with level weights (a, b, c), aux weights for 'recon', 'kl',
@@ -199,15 +200,26 @@ def total_loss(sims: Mapping[str, jax.Array], aux: Mapping[str, jax.Array],
     sims: level -> `[B, B]` scores.
     aux: name -> scalar (auxiliary losses and metrics).
     batch: needs 'image_index' `[B]` (the image id of each row/caption).
-    loss_cfg: `config.loss` (kind, margin, ...).
+    loss_cfg: `config.loss` (kind, margin, ...), or the whole run config (has 'loss' and
+      'model'): then `config.loss` is used and weights not given explicitly come from
+      `config.model.<config.model.name>.level_weights / aux_weights` (absent = defaults below).
     level_weights: level -> weight; None = 1 for every level. Must cover every level of sims.
     aux_weights: aux name -> weight; None = {}. Every name must be in aux.
     warmup, warmup_scale: the hinge schedule (see `hinge_with_warmup`).
-    log_temperature: InfoNCE temperature parameter.
+    log_temperature: InfoNCE temperature parameter; None = `params['log_temperature']` when
+      `params` (the model's params, e.g. GRM with `grm.learn_temperature`) has it.
+    params: model params, only read for 'log_temperature'.
 
   Returns:
     (scalar loss, metrics dict: 'loss', 'loss_<level>' for each level, every aux entry).
   """
+  if "loss" in loss_cfg and "model" in loss_cfg:  # the whole run config
+    head = loss_cfg["model"].get(loss_cfg["model"]["name"], None) or {}
+    level_weights = head.get("level_weights", None) if level_weights is None else level_weights
+    aux_weights = head.get("aux_weights", None) if aux_weights is None else aux_weights
+    loss_cfg = loss_cfg["loss"]
+  if log_temperature is None and params is not None and "log_temperature" in params:
+    log_temperature = params["log_temperature"]
   level_weights = {k: 1.0 for k in sims} if level_weights is None else dict(level_weights)
   aux_weights = {} if aux_weights is None else dict(aux_weights)
   missing = set(sims) - set(level_weights)

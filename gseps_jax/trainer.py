@@ -293,3 +293,52 @@ class _progress:
   def close(self):
     if self.bar is not None:
       self.bar.close()
+
+
+def sample_batch(config, batch_size: int = 2) -> dict:
+  """A zero batch with the shapes the model expects (for init and abstract evaluation)."""
+  d = config.data
+  size = d.image_size
+  return {
+      "image": np.zeros((batch_size, size, size, 3), np.float32),
+      "input_ids": np.zeros((batch_size, d.max_len), np.int32),
+      "attention_mask": np.ones((batch_size, d.max_len), np.int32),
+      "dense_ids": np.zeros((batch_size, d.dense_max_len), np.int32),
+      "dense_mask": np.ones((batch_size, d.dense_max_len), np.int32),
+      "image_index": np.arange(batch_size, dtype=np.int32),
+  }
+
+
+def restore_params(path, mesh=None, config=None):
+  """(config, model, params, step) from a workdir or WORKDIR/checkpoints/STEP.
+
+  The optimiser is rebuilt from the saved config only to know the state's structure; its
+  values are not read into memory beyond what orbax restores.
+  """
+  saved_config, step, _ = ckpt_lib.load_config_from_checkpoint(path)
+  config = config or saved_config
+  mesh = mesh or sharding.make_mesh(config.mesh)
+  model = models.build_model(config.model)
+  sample = sample_batch(config)
+  key = jax.random.key(0)
+  abstract_params = jax.eval_shape(
+      lambda: model.init({"params": key, "dropout": key, "gumbel": key, "noise": key}, sample,
+                         train=False)["params"])
+  tx, _, _ = optim.make_optimizer(config.optim, 1, abstract_params)
+
+  def init():
+    params = flax.core.unfreeze(model.init(
+        {"params": key, "dropout": key, "gumbel": key, "noise": key}, sample,
+        train=False)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract, shardings = _abstract_and_shardings(init, mesh, config)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  workdir, _ = ckpt_lib.resolve(path)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True, best_metric=None)
+  restored = ckpt.restore(abstract, config, step=step)
+  if restored is None:
+    raise FileNotFoundError(f"No readable checkpoint in {workdir}.")
+  state, _ = restored
+  return config, model, state.params, int(state.step)

@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 CAPTIONS_PER_IMAGE = 5
 _COCO_SUBDIRS = ("train2014", "val2014")
@@ -232,6 +233,10 @@ def coco_1k_folds(num_images: int = 5000, fold_size: int = 1000) -> list[range]:
 class _KarpathyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared logic; subclasses set SPLIT_FILES and the description."""
 
+  # tfds finds the module's files through importlib resources of the top-level package, which
+  # fails for a namespace/editable install; name them explicitly.
+  pkg_dir_path = epath.Path(__file__).parent
+  code_path = epath.Path(__file__)
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Karpathy splits read from the SEPS caption folder."}
   SPLIT_FILES: dict[str, SplitFiles] = {}

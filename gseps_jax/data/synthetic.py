@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {
@@ -322,6 +323,10 @@ class SyntheticRegions(tfds.core.GeneratorBasedBuilder):
   """Generated scenes of coloured shapes with fine-grained captions and one-attribute hard
   negatives."""
 
+  # tfds finds the module's files through importlib resources of the top-level package, which
+  # fails for a namespace/editable install; name them explicitly.
+  pkg_dir_path = epath.Path(__file__).parent
+  code_path = epath.Path(__file__)
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial generator."}
   BUILDER_CONFIGS = [

@@ -176,8 +176,10 @@ def params_to_state_dict(model_type: str, cfg: Mapping[str, Any], params: Mappin
   missing = ["/".join(p) for p in shapes if p not in flat]
   unexpected = ["/".join(p) for p in flat if p not in shapes]
   if missing or unexpected:
-    raise ValueError(f"Params do not match the {model_type} encoder: missing {_listing(missing)}; "
-                     f"unexpected {_listing(unexpected)}.")
+    hint = (" (pass variables['params'], not the variables dict)"
+            if set(params) == {"params"} else "")
+    raise ValueError(f"Params do not match the {model_type} encoder{hint}: missing "
+                     f"{_listing(missing)}; unexpected {_listing(unexpected)}.")
   out = {}
   for path in shapes:
     x = np.asarray(flat[path])

@@ -380,7 +380,7 @@ class SEPSHead(nn.Module):
 
   def __call__(self, img_tokens: Array, cap_tokens: Array, cap_mask: Array,
                dense_tokens: Optional[Array] = None, dense_mask: Optional[Array] = None, *,
-               chunk=None) -> Array:
+               dense_mode: Optional[str] = None, chunk=None) -> Array:
     """Scores every (image, caption) pair.
 
     Args:
@@ -388,6 +388,7 @@ class SEPSHead(nn.Module):
       cap_tokens, cap_mask: [Nc, Lt, D], [Nc, Lt] captions.
       dense_tokens, dense_mask: [Nd, Ld, D], [Nd, Ld] dense captions, Nd = Nc ("parity",
         caption j's dense caption) or Ni ("honest", image i's dense caption).
+      dense_mode: overrides the attribute (e.g. evaluate a parity-trained model honestly).
       chunk: pair tile, see `pair_scores`.
     Returns:
       [Ni, Nc] scores.
@@ -401,6 +402,281 @@ class SEPSHead(nn.Module):
       dense = self.prepare_texts(dense_tokens, dense_mask)
     n = img["x"].shape[1]
     return pair_scores(img, cap, dense, k=num_kept(n, self.rho), use_sparse=self.use_sparse,
-                       use_dense=self.use_dense, dense_mode=self.dense_mode,
+                       use_dense=self.use_dense, dense_mode=dense_mode or self.dense_mode,
                        selection=self.selection, st_temperature=self.st_temperature, chunk=chunk,
                        precision=_PRECISIONS[self.precision])
+
+
+# ----------------------------------------------------------------------------------------------
+# The full model.
+# ----------------------------------------------------------------------------------------------
+class SEPS(nn.Module):
+  """Encoders + projections + SEPS head, with the model interface of docs/design.md.
+
+  Submodule names mirror the official checkpoint: `vision_encoder` (img_enc.visual_encoder),
+  `vision_proj` (img_enc.vision_proj), `text_encoder` (txt_enc.bert), `fc` (txt_enc.fc),
+  `cross_net` (cross_net; its parameters are `cross_net/aggr_net/...`). As in the official code a
+  projection whose input width already equals `embed_dim` is the identity (no parameters).
+  Build it with `SEPS.from_config(config.model)`.
+
+  Attributes:
+    vision, text: HF config dicts of the encoders.
+    embed_dim: joint width D (512).
+    num_aggregated: N_c.
+    rho, dim_ratio, use_sparse, use_dense, dense_mode, selection, st_temperature, precision: head
+      settings (`SEPSHead`); `dense_mode` is the training pairing and the default for `score`.
+    eval_text_cut: parity-mode evaluation keeps only the first this-many text tokens (official
+      encode_data stores 90 positions); <= 0 disables.
+    ratio_weight: weight of the reported (constant) official ratio term.
+    freeze_text: stop gradients at the text encoder's output.
+    train_chunk: pair tile for the in-batch [B, B] scores (None = one tile).
+    dtype: encoder compute dtype; the head always computes in float32.
+  """
+  vision: Mapping[str, Any]
+  text: Mapping[str, Any]
+  num_aggregated: int
+  embed_dim: int = 512
+  rho: float = 0.5
+  dim_ratio: float = 0.2
+  use_sparse: bool = True
+  use_dense: bool = True
+  dense_mode: str = "parity"
+  selection: str = "official"
+  st_temperature: float = 0.05
+  precision: str = "highest"
+  eval_text_cut: int = 90
+  ratio_weight: float = 2.0
+  freeze_text: bool = False
+  train_chunk: Optional[int] = None
+  dtype: str = "float32"
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "SEPS":
+    """`config.model` (with a `seps` sub-config, see configs/seps_vit.py) -> SEPS."""
+    sc = model_cfg.seps
+    num_patches = sc.num_patches if sc.num_patches > 0 else backbone_num_patches(model_cfg.vision)
+    return cls(vision=encoders.config_dict(model_cfg.vision),
+               text=encoders.config_dict(model_cfg.text),
+               num_aggregated=num_aggregated(num_patches, sc.alpha, sc.rho),
+               embed_dim=model_cfg.embed_dim, rho=sc.rho, dim_ratio=sc.dim_ratio,
+               use_sparse=sc.use_sparse, use_dense=sc.use_dense, dense_mode=sc.dense_mode,
+               selection=sc.selection, st_temperature=sc.st_temperature,
+               precision=sc.precision, eval_text_cut=sc.eval_text_cut,
+               ratio_weight=sc.ratio_weight, freeze_text=model_cfg.get("freeze_text", False),
+               train_chunk=sc.train_chunk or None, dtype=model_cfg.dtype)
+
+  def setup(self):
+    self.vision_encoder = encoders.encoder_from_config(self.vision, self.dtype)
+    self.text_encoder = encoders.encoder_from_config(self.text, self.dtype)
+    proj = lambda width, name: (None if width == self.embed_dim else nn.Dense(
+        self.embed_dim, precision=lax.Precision.HIGHEST, name=name))
+    self.vision_proj = proj(encoders.encoder_width(self.vision), "vision_proj")
+    self.fc = proj(encoders.encoder_width(self.text), "fc")
+    self.cross_net = SEPSHead(
+        num_aggregated=self.num_aggregated, rho=self.rho, dim_ratio=self.dim_ratio,
+        use_sparse=self.use_sparse, use_dense=self.use_dense, dense_mode=self.dense_mode,
+        selection=self.selection, st_temperature=self.st_temperature, precision=self.precision)
+
+  def encode_images(self, images: Array, *, train: bool = False) -> dict:
+    """[B, H, W, 3] -> {'tokens': [B, L, D] float32} (L = 1 + N for ViT, N for Swin)."""
+    x = self.vision_encoder(images, train=train).astype(jnp.float32)
+    return {"tokens": x if self.vision_proj is None else self.vision_proj(x)}
+
+  def encode_texts(self, input_ids: Array, attention_mask: Array, *, train: bool = False) -> dict:
+    """[B, L] ids and mask -> {'tokens': [B, L, D] float32, 'mask': [B, L] bool}."""
+    x = self.text_encoder(input_ids, attention_mask, train=train).astype(jnp.float32)
+    if self.freeze_text:
+      x = lax.stop_gradient(x)
+    return {"tokens": x if self.fc is None else self.fc(x), "mask": attention_mask.astype(bool)}
+
+  def __call__(self, batch: Mapping[str, Array], *, train: bool) -> tuple[dict, dict]:
+    """In-batch training forward.
+
+    Row b of the batch is (image_b, caption_b, dense caption of image_b). Both dense modes use
+    the rows as they are: parity pairs caption j with dense_j (its ground-truth image's), honest
+    guides image i's selection with dense_i.
+
+    Returns:
+      ({'seps': [B, B]}, {'ratio_loss': constant official ratio term, 'keep_ratio': K / N}).
+    """
+    img = self.encode_images(batch["image"], train=train)["tokens"]
+    cap = self.encode_texts(batch["input_ids"], batch["attention_mask"], train=train)
+    dense = ({"tokens": None, "mask": None} if not self.use_dense else
+             self.encode_texts(batch["dense_ids"], batch["dense_mask"], train=train))
+    sims = self.cross_net(img, cap["tokens"], cap["mask"], dense["tokens"], dense["mask"],
+                          chunk=self.train_chunk)
+    n = img.shape[1] - (1 if has_cls(img.shape[1]) else 0)
+    k = num_kept(n, self.rho)
+    branches = int(self.use_sparse) + int(self.use_dense)
+    aux = {"ratio_loss": jnp.asarray(ratio_loss(k, n, self.rho, branches, self.ratio_weight),
+                                     jnp.float32),
+           "keep_ratio": jnp.asarray(k / n, jnp.float32)}
+    return {"seps": sims}, aux
+
+  def score(self, img_feats: dict, txt_feats: dict, dense_feats: Optional[dict] = None, *,
+            dense_mode: Optional[str] = None, chunk=256,
+            caption_image: Optional[Array] = None) -> Array:
+    """All-pairs evaluation scores.
+
+    Args:
+      img_feats: `encode_images` output for Ni images.
+      txt_feats: `encode_texts` output for Nc captions.
+      dense_feats: `encode_texts` output of the dense captions, ONE PER IMAGE ([Ni, ...], as
+        indexed). Needed when the dense branch is on.
+      dense_mode: "parity" | "honest" (default: the model's).
+      chunk: pair tile (int or (images, captions)).
+      caption_image: [Nc] int, caption j's ground-truth image (row of img_feats). Parity mode
+        only: it pairs caption j with that image's dense caption, as the official evaluation
+        does; this uses the answer, which is why parity numbers are not a retrieval result.
+    Returns:
+      [Ni, Nc] scores.
+    """
+    mode = dense_mode or self.dense_mode
+    if mode not in DENSE_MODES:
+      raise ValueError(f"dense_mode must be one of {DENSE_MODES}, got {mode!r}.")
+    cap_tok, cap_mask = txt_feats["tokens"], txt_feats["mask"]
+    d_tok = d_mask = None
+    if self.use_dense:
+      if dense_feats is None:
+        raise ValueError("This SEPS model has a dense branch: score() needs dense_feats.")
+      d_tok, d_mask = dense_feats["tokens"], dense_feats["mask"]
+      if mode == "parity":
+        if caption_image is None:
+          raise ValueError("dense_mode='parity' pairs each caption with its ground-truth "
+                           "image's dense caption: pass caption_image [Nc].")
+        d_tok, d_mask = d_tok[caption_image], d_mask[caption_image]
+    if mode == "parity" and self.eval_text_cut > 0:
+      cut = self.eval_text_cut
+      cap_mask = cap_mask & (jnp.arange(cap_mask.shape[1]) < cut)
+      if d_mask is not None:
+        d_mask = d_mask & (jnp.arange(d_mask.shape[1]) < cut)
+    return self.cross_net(img_feats["tokens"], cap_tok, cap_mask, d_tok, d_mask,
+                          dense_mode=mode, chunk=chunk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Official checkpoint layout <-> our params.
+# ----------------------------------------------------------------------------------------------
+VISION_PREFIX = "img_enc.visual_encoder."
+TEXT_PREFIX = "txt_enc.bert."
+
+
+def _model_cfg(config):
+  return config.model if "model" in config else config
+
+
+def _head_table(config) -> dict:
+  """Official name -> (our param path, official shape, to-ours fn, to-official fn) for every
+  non-encoder tensor of the checkpoint."""
+  mc = _model_cfg(config)
+  model = SEPS.from_config(mc)
+  e, nc = model.embed_dim, model.num_aggregated
+  hidden = int(e * model.dim_ratio)
+  same = (lambda x: x, lambda x: x)
+  tr = (lambda x: x.T, lambda x: x.T)
+  table = {}
+
+  def dense(official, ours, n_out, n_in):
+    table[official + ".weight"] = (ours + ("kernel",), (n_out, n_in)) + tr
+    table[official + ".bias"] = (ours + ("bias",), (n_out,)) + same
+
+  vw, tw = encoders.encoder_width(mc.vision), encoders.encoder_width(mc.text)
+  if vw != e:
+    dense("img_enc.vision_proj", ("vision_proj",), e, vw)
+  if tw != e:
+    dense("txt_enc.fc", ("fc",), e, tw)
+  a = ("cross_net", "aggr_net")
+  table["cross_net.aggr_net.scale"] = (a + ("scale",), (1, 1, 1),
+                                       lambda x: x.reshape(()), lambda x: x.reshape(1, 1, 1))
+  table["cross_net.aggr_net.weight.0.weight"] = (a + ("norm", "scale"), (e,)) + same
+  table["cross_net.aggr_net.weight.0.bias"] = (a + ("norm", "bias"), (e,)) + same
+  dense("cross_net.aggr_net.weight.1", a + ("fc1",), hidden, e)
+  dense("cross_net.aggr_net.weight.3", a + ("fc2",), nc, hidden)
+  return table
+
+
+def params_from_official(state_dict: Mapping[str, Any], config) -> dict:
+  """Official SEPS state dict (`torch.load(...)['model']`, arrays as numpy) -> our params.
+
+  Args:
+    state_dict: official name -> array (`img_enc.visual_encoder.*`, `img_enc.vision_proj.*`,
+      `txt_enc.bert.*`, `txt_enc.fc.*`, `cross_net.aggr_net.*`).
+    config: the full config or `config.model` (fixes every expected name and shape).
+  Returns:
+    Nested dict of float32 numpy arrays: {'vision_encoder', 'text_encoder', 'vision_proj'?,
+    'fc'?, 'cross_net': {'aggr_net': ...}}.
+  Raises:
+    ValueError: ONE error listing every missing, unexpected and mis-shaped tensor.
+  """
+  mc = _model_cfg(config)
+  table = _head_table(mc)
+  problems, params = [], {}
+  for key, (prefix, cfg, name) in {
+      "vision_encoder": (VISION_PREFIX, mc.vision, "vision"),
+      "text_encoder": (TEXT_PREFIX, mc.text, "text")}.items():
+    try:
+      params[key] = hf_import.state_dict_to_params(cfg["model_type"], cfg, state_dict, prefix)
+    except ValueError as err:
+      problems.append(f"[{name} encoder] {err}")
+  missing = [k for k in table if k not in state_dict]
+  unexpected = [k for k in state_dict if k not in table
+                and not k.startswith((VISION_PREFIX, TEXT_PREFIX))]
+  shaped = [f"{k} {tuple(np.shape(state_dict[k]))} (expected {table[k][1]})"
+            for k in table if k in state_dict and tuple(np.shape(state_dict[k])) != table[k][1]]
+  for label, names in (("Missing", missing), ("Unexpected", unexpected),
+                       ("Wrong shape", shaped)):
+    if names:
+      problems.append(f"{label} {len(names)}: {', '.join(sorted(names))}.")
+  if problems:
+    raise ValueError("Official SEPS state dict does not match this config. " + " ".join(problems))
+  for k, (path, _, to_ours, _) in table.items():
+    node = params
+    for seg in path[:-1]:
+      node = node.setdefault(seg, {})
+    node[path[-1]] = np.ascontiguousarray(to_ours(np.asarray(state_dict[k])), dtype=np.float32)
+  return params
+
+
+def params_to_official(params: Mapping[str, Any], config) -> dict:
+  """Exact inverse of `params_from_official`: our params -> official names and layouts.
+
+  The HF poolers are not written (our encoders have none); the official loader uses
+  `load_state_dict(strict=False)`, which leaves them at their initial values (unused by SEPS).
+
+  Raises:
+    ValueError: ONE error listing every missing, unexpected and mis-shaped param.
+  """
+  mc = _model_cfg(config)
+  table = _head_table(mc)
+  flat = {tuple(p.key for p in kp): v
+          for kp, v in jax.tree_util.tree_flatten_with_path(
+              {k: v for k, v in params.items() if k not in ("vision_encoder", "text_encoder")}
+          )[0]}
+  want = {path: (name, shape, to_off) for name, (path, shape, _, to_off) in table.items()}
+  problems = []
+  missing = ["/".join(p) for p in want if p not in flat]
+  unexpected = ["/".join(p) for p in flat if p not in want]
+  for top in ("vision_encoder", "text_encoder"):
+    if top not in params:
+      missing.append(top)
+  shaped = []
+  for p, (name, shape, to_off) in want.items():
+    if p in flat and to_off(np.asarray(flat[p])).shape != shape:
+      shaped.append(f"{'/'.join(p)} {np.shape(flat[p])}")
+  for label, names in (("Missing", missing), ("Unexpected", unexpected),
+                       ("Wrong shape", shaped)):
+    if names:
+      problems.append(f"{label} {len(names)}: {', '.join(sorted(names))}.")
+  out = {}
+  for key, prefix, cfg in (("vision_encoder", VISION_PREFIX, mc.vision),
+                           ("text_encoder", TEXT_PREFIX, mc.text)):
+    if key in params:
+      try:
+        out.update(hf_import.params_to_state_dict(cfg["model_type"], cfg, params[key], prefix))
+      except ValueError as err:
+        problems.append(f"[{key}] {err}")
+  if problems:
+    raise ValueError("Params do not match this SEPS config. " + " ".join(problems))
+  for p, (name, _, to_off) in want.items():
+    out[name] = np.ascontiguousarray(to_off(np.asarray(flat[p])))
+  return out

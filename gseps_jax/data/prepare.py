@@ -1,0 +1,149 @@
+"""Builds the tfds datasets (array_record, no TensorFlow); `ensure_prepared` for the trainer.
+
+  python -m gseps_jax.data.prepare --dataset=synthetic_regions --data_dir=data_cache/tfds \
+      [--num_train=5000 --num_dev=200 --num_test=500 --image_size=64 --seed=0]
+  python -m gseps_jax.data.prepare --dataset=flickr30k_karpathy --manual_dir=seps/data/f30k \
+      --image_dir=flickr30k-images --data_dir=data_cache/tfds
+
+A second run finds the prepared dataset and says so without rebuilding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from gseps_jax.data import karpathy, synthetic
+
+# Static table (no registry lookups by string at run time).
+BUILDERS = {
+    "flickr30k_karpathy": karpathy.Flickr30kKarpathy,
+    "coco_karpathy": karpathy.CocoKarpathy,
+    "synthetic_regions": synthetic.SyntheticRegions,
+}
+REAL_DATASETS = ("flickr30k_karpathy", "coco_karpathy")
+FILE_FORMAT = "array_record"  # the only tfds format readable without TensorFlow
+
+
+class NotPreparedError(RuntimeError):
+  """A real dataset has not been built into data_dir yet."""
+
+
+def _get(cfg, key, default=None):
+  return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def make_builder(data_config) -> tfds.core.DatasetBuilder:
+  """The (possibly not yet prepared) builder for `config.data`."""
+  name = _get(data_config, "name")
+  if name not in BUILDERS:
+    raise ValueError(f"Unknown dataset {name!r}; config.data.name must be one of "
+                     f"{sorted(BUILDERS)}.")
+  data_dir = os.fspath(Path(_get(data_config, "data_dir")).expanduser())
+  if name == "synthetic_regions":
+    syn = _get(data_config, "synthetic", {}) or {}
+    config = synthetic.SyntheticRegions.make_config(
+        num_train=_get(syn, "num_train", 5000), num_dev=_get(syn, "num_dev", 200),
+        num_test=_get(syn, "num_test", 500), image_size=_get(syn, "image_size", 64),
+        seed=_get(syn, "seed", 0))
+    return synthetic.SyntheticRegions(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+  image_dir = _get(data_config, "image_dir", "") or None
+  return BUILDERS[name](image_dir=image_dir, data_dir=data_dir, file_format=FILE_FORMAT)
+
+
+def prepare_command(data_config) -> str:
+  """The exact shell command that builds `config.data`."""
+  name = _get(data_config, "name")
+  parts = ["python", "-m", "gseps_jax.data.prepare", f"--dataset={name}"]
+  if name in REAL_DATASETS:
+    parts += [f"--manual_dir={_get(data_config, 'manual_dir', '') or 'CAPTION_DIR'}",
+              f"--image_dir={_get(data_config, 'image_dir', '') or 'IMAGE_DIR'}"]
+  else:
+    syn = _get(data_config, "synthetic", {}) or {}
+    for key in ("num_train", "num_dev", "num_test", "image_size", "seed"):
+      if _get(syn, key) is not None:
+        parts.append(f"--{key}={_get(syn, key)}")
+  parts.append(f"--data_dir={_get(data_config, 'data_dir')}")
+  return " ".join(shlex.quote(p) for p in parts)
+
+
+def prepare(data_config, *, verbose: bool = True) -> tuple[tfds.core.DatasetBuilder, bool]:
+  """Builds the dataset unless already prepared -> (builder, whether it built now)."""
+  builder = make_builder(data_config)
+  if builder.is_prepared():
+    if verbose:
+      print(f"{builder.name} is already prepared at {builder.data_dir}; nothing to do.")
+    return builder, False
+  name = _get(data_config, "name")
+  download_config = None
+  if name in REAL_DATASETS:
+    manual_dir = _get(data_config, "manual_dir", "")
+    if not manual_dir or not Path(manual_dir).is_dir():
+      raise karpathy.DataFormatError(
+          f"Missing caption folder {manual_dir!r}: pass --manual_dir=DIR pointing at the SEPS "
+          f"caption folder for {name}.")
+    download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+  builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
+  if verbose:
+    print(f"Prepared {builder.name} at {builder.data_dir}: "
+          + ", ".join(f"{s} {v.num_examples}" for s, v in builder.info.splits.items()))
+  return builder, True
+
+
+def ensure_prepared(data_config) -> tfds.core.DatasetBuilder:
+  """A prepared builder for `config.data`. Builds synthetic_regions if absent; for a real dataset
+  that is not built yet, raises NotPreparedError with the command that builds it."""
+  builder = make_builder(data_config)
+  if builder.is_prepared():
+    return builder
+  name = _get(data_config, "name")
+  if name == "synthetic_regions":
+    return prepare(data_config, verbose=True)[0]
+  manual = _get(data_config, "manual_dir", "") or "(config.data.manual_dir is empty)"
+  images = _get(data_config, "image_dir", "") or "(config.data.image_dir is empty)"
+  raise NotPreparedError(
+      f"The {name} dataset is not prepared: no tfds data at {builder.data_dir}. It is built once "
+      f"from the SEPS caption folder (config.data.manual_dir = {manual}: {{split}}_caps.txt, "
+      f"{{split}}_ids.txt, id_mapping.json and the dense *.jsonl files) and the image folder "
+      f"(config.data.image_dir = {images}). Download both, then run:\n  "
+      f"{prepare_command(data_config)}\nand start again with the same config.data.data_dir.")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--dataset", required=True, choices=sorted(BUILDERS))
+  p.add_argument("--data_dir", required=True, help="tfds data dir (local path or gs://)")
+  p.add_argument("--manual_dir", default="", help="SEPS caption folder (real datasets)")
+  p.add_argument("--image_dir", default="", help="image folder (real datasets)")
+  p.add_argument("--num_train", type=int, default=5000)
+  p.add_argument("--num_dev", type=int, default=200)
+  p.add_argument("--num_test", type=int, default=500)
+  p.add_argument("--image_size", type=int, default=64, help="synthetic image side in pixels")
+  p.add_argument("--seed", type=int, default=0)
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  a = parse_args(argv)
+  data_config = {
+      "name": a.dataset, "data_dir": a.data_dir, "manual_dir": a.manual_dir,
+      "image_dir": a.image_dir,
+      "synthetic": {"num_train": a.num_train, "num_dev": a.num_dev, "num_test": a.num_test,
+                    "image_size": a.image_size, "seed": a.seed},
+  }
+  try:
+    prepare(data_config)
+  except (karpathy.DataFormatError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
