@@ -163,8 +163,9 @@ def maybe_initialize(coordinator: Optional[str] = None,
   try:
     jax.distributed.initialize(**plan.kwargs)
   except RuntimeError as e:
-    raise RuntimeError(f"jax.distributed.initialize failed ({plan.reason}): {e}. It must run "
-                       "before any JAX computation; call maybe_initialize() first in main().") from e
+    raise RuntimeError(
+        f"jax.distributed.initialize failed ({plan.reason}): {e}. It must run before any JAX "
+        "computation; call maybe_initialize() first in main().") from e
   logger.info("jax.distributed ready: process %d of %d, %d local / %d global devices.",
               jax.process_index(), jax.process_count(), jax.local_device_count(),
               jax.device_count())

@@ -7,7 +7,8 @@ tpus tpu-vm ssh NAME --worker=all --command=...`, so all hosts of a pod slice ru
   launch/tpu_pod.sh create --name=g1 --zone=us-central2-b --accelerator_type=v4-32 --queued
   launch/tpu_pod.sh setup  --name=g1 --zone=us-central2-b            # copies this working tree
   launch/tpu_pod.sh train  --name=g1 --zone=us-central2-b --config=configs/grm_vit.py \\
-      --bucket=gs://my-bucket                                          # workdir gs://my-bucket/runs/g1
+      --bucket=gs://my-bucket                                    # workdir gs://my-bucket/runs/g1
+  launch/tpu_pod.sh eval   --name=g1 --zone=us-central2-b --bucket=gs://my-bucket -- --split=test
   launch/tpu_pod.sh delete --name=g1 --zone=us-central2-b --queued
 
 `--dry_run` prints every command (one `shlex`-quoted line each, `#` lines for the step names)
@@ -144,8 +145,11 @@ def run_steps(args, module, extra):
   if not workdir.startswith("gs://") and not args.allow_local_workdir:
     raise StepError(f"{args.command}: --workdir={workdir} is not a gs:// path; every host of a "
                     "pod must see the same checkpoints (pass --allow_local_workdir to override)")
-  py = ([f"~/{args.venv}/bin/python", "-m", module, f"--config={args.config}",
-         f"--workdir={workdir}"] + list(extra))
+  if args.command == "train":
+    flags = [f"--config={args.config}", f"--workdir={workdir}"]
+  else:  # evaluate.py reads the config saved with the checkpoint.
+    flags = [f"--checkpoint={workdir}"]
+  py = [f"~/{args.venv}/bin/python", "-m", module] + flags + list(extra)
   # The venv path keeps its ~ unquoted so the remote shell expands it.
   py_str = py[0] + " " + shlex.join(py[1:])
   log = f"~/{LOG_DIR}/{args.command}-$(hostname).log"
@@ -207,18 +211,17 @@ def pack_source(root, dest):
 class Runner:
   """Runs (or, dry, prints) commands; stops at the first failure with the step's name."""
 
-  def __init__(self, dry_run, out=sys.stdout):
+  def __init__(self, dry_run):
     self.dry_run = dry_run
-    self.out = out
 
   def note(self, text):
     if self.dry_run:
-      print(f"# {text}", file=self.out, flush=True)
+      print(f"# {text}", flush=True)
 
   def __call__(self, step, argv, capture=False):
     if self.dry_run:
-      print(f"# step: {step}", file=self.out)
-      print(shlex.join(argv), file=self.out, flush=True)
+      print(f"# step: {step}")
+      print(shlex.join(argv), flush=True)
       return ""
     print(f"[{step}] {shlex.join(argv)}", file=sys.stderr, flush=True)
     try:
@@ -320,9 +323,13 @@ def build_parser():
   for name, module in (("train", "gseps_jax.train"), ("eval", "gseps_jax.evaluate")):
     r = sub.add_parser(name, parents=[common],
                        help=f"run `python -m {module}` on every worker "
-                       "(arguments after -- are passed on)")
-    r.add_argument("--config", required=True, help="e.g. configs/grm_vit.py or configs/seps.py:384")
-    r.add_argument("--workdir", default="", help="gs://bucket/path for checkpoints and logs")
+                       "(arguments after -- are passed on, e.g. -- --split=test)")
+    if name == "train":
+      r.add_argument("--config", required=True,
+                     help="e.g. configs/grm_vit.py or configs/seps.py:384")
+    r.add_argument("--workdir", default="",
+                   help="gs://bucket/path for checkpoints and logs" if name == "train" else
+                   "training workdir (or WORKDIR/checkpoints/STEP) to evaluate")
     r.add_argument("--bucket", default="", help="gs://bucket; workdir defaults to BUCKET/runs/NAME")
     r.add_argument("--allow_local_workdir", action="store_true",
                    help="allow a non-gs:// workdir (single-host slices only)")

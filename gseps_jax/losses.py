@@ -5,13 +5,12 @@ column i. `image_ids [B]` names the image behind each row/caption: captions whos
 row i's (other than the diagonal) describe the same picture, so they are removed from the
 negatives ("shared-image masking"), as in the SEPS official code.
 
-Learnable InfoNCE temperature: the loss takes `log_temperature` (a scalar array) as an argument;
-it is a trainable parameter that lives OUTSIDE the model, in a small loss-parameter dict made by
-`init_loss_params(loss_cfg)` (`{'log_temperature': log(init_temperature)}`) that the trainer keeps
-beside the model params and optimises with them. For the hinge, that dict is empty.
+Learnable InfoNCE temperature: `infonce` takes `log_temperature` (a scalar array). It is a model
+parameter: a model that supports InfoNCE declares a top-level scalar param 'log_temperature'
+(GRM: `model.grm.learn_temperature=True`, initialised to log(init_temperature)), so it is trained,
+sharded and checkpointed with the rest; `total_loss(..., params=params)` picks it up.
 """
 
-import math
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import jax
@@ -110,31 +109,25 @@ def infonce(sims: jax.Array, image_ids: jax.Array, log_temperature: jax.Array) -
   return 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))
 
 
-def init_loss_params(loss_cfg: Mapping[str, Any]) -> dict:
-  """Trainable loss parameters: `{'log_temperature': f32[]}` for InfoNCE, `{}` for the hinge."""
-  if loss_cfg["kind"] == "infonce":
-    return {"log_temperature": jnp.asarray(math.log(loss_cfg["init_temperature"]), jnp.float32)}
-  return {}
-
-
 # ----------------------------------------------------------------------------- GRM auxiliaries
 
 
 def recon_loss(region_means: jax.Array, tokens: jax.Array, keep: jax.Array,
-               eps: float = 1e-6) -> jax.Array:
+               eps: float = 1e-12) -> jax.Array:
   """1 - cos(mean_k mu_k, mean of kept tokens), averaged over images.
 
   Args:
     region_means: `[B, K, D]` mu.
     tokens: `[B, L, D]` (masked) visual tokens V_hat.
-    keep: `[B, L]` float or bool weights of the kept tokens (the straight-through mask).
+    keep: `[B, L]` bool (or 0/1): the kept tokens.
+    eps: added to the squared norms (a finite gradient for zero vectors).
 
   Returns:
     scalar.
   """
   keep = keep.astype(tokens.dtype)
   kept_mean = jnp.sum(tokens * keep[..., None], axis=1) / jnp.maximum(
-      jnp.sum(keep, axis=1, keepdims=True), eps)
+      jnp.sum(keep, axis=1, keepdims=True), 1.0)
   a, b = jnp.mean(region_means, axis=1), kept_mean
   cos = jnp.sum(a * b, -1) * jax.lax.rsqrt(
       (jnp.sum(a * a, -1) + eps) * (jnp.sum(b * b, -1) + eps))
@@ -178,7 +171,8 @@ def contrastive_loss(sims, image_ids, loss_cfg, *, warmup, warmup_scale, log_tem
                              warmup_scale=warmup_scale)
   if kind == "infonce":
     if log_temperature is None:
-      raise ValueError("loss kind 'infonce' needs log_temperature (see init_loss_params)")
+      raise ValueError("loss kind 'infonce' needs log_temperature: pass it, or params with a "
+                       "'log_temperature' entry (GRM: model.grm.learn_temperature=True)")
     return infonce(sims, image_ids, log_temperature)
   raise ValueError(f"unknown loss kind {kind!r}; expected 'hinge' or 'infonce'")
 

@@ -178,23 +178,20 @@ def retrieval_metrics(sims, captions_per_image=5, *, ties="pessimistic"):
   return metrics_from_ranks(*retrieval_ranks(sims, captions_per_image, ties=ties))
 
 
-def coco_1k_folds(sims, captions_per_image=5, *, fold_size=1000, ties="pessimistic"):
-  """COCO "1K test" protocol: mean metrics over folds of `fold_size` consecutive images.
+def coco_fold_metrics(sims, captions_per_image=5, *, fold_size=1000, ties="pessimistic"):
+  """Metrics of each fold of `fold_size` consecutive images (the diagonal blocks of `sims`).
 
-  Fold f uses images `[f * fold_size, (f + 1) * fold_size)` and their captions only (the
-  diagonal blocks of `sims`); off-fold scores are ignored. Each metric (recalls, medr, meanr) is
-  the mean over folds; rsum is the sum of the six averaged recalls (equal to the mean of the fold
-  rsums). For the standard 5K COCO test set that is 5 folds of 1,000 images / 5,000 captions.
+  Fold f uses images `[f * fold_size, (f + 1) * fold_size)` and their captions only; off-fold
+  scores are ignored. Slicing a sharded `jax.Array` keeps the computation on device.
 
   Args:
-    sims: `[Ni, Ni * captions_per_image]` scores, `Ni` a multiple of `fold_size`. Slicing a sharded
-      `jax.Array` keeps the computation on device.
+    sims: `[Ni, Ni * captions_per_image]` scores, `Ni` a multiple of `fold_size`.
     captions_per_image: captions per image.
     fold_size: images per fold.
     ties: as in `retrieval_metrics`.
 
   Returns:
-    dict with `METRIC_KEYS`, plus "folds": list of the per-fold metric dicts.
+    list (one per fold) of `retrieval_metrics` dicts.
   """
   shape = getattr(sims, "shape", None)
   if shape is None:
@@ -205,13 +202,24 @@ def coco_1k_folds(sims, captions_per_image=5, *, fold_size=1000, ties="pessimist
   if fold_size < 1 or ni % fold_size:
     raise ValueError(f"n_images={ni} is not a positive multiple of fold_size={fold_size}")
   cs = fold_size * captions_per_image
-  folds = [
+  return [
       retrieval_metrics(sims[f * fold_size:(f + 1) * fold_size, f * cs:(f + 1) * cs],
                         captions_per_image, ties=ties)
       for f in range(ni // fold_size)
   ]
+
+
+def coco_1k_folds(sims, captions_per_image=5, *, fold_size=1000, ties="pessimistic"):
+  """COCO "1K test" protocol: metrics averaged over folds of `fold_size` consecutive images.
+
+  Each metric (recalls, medr, meanr) is the mean over the folds of `coco_fold_metrics`; rsum is the
+  sum of the six averaged recalls (equal to the mean of the fold rsums). For the standard 5K COCO
+  test set: 5 folds of 1,000 images / 5,000 captions.
+
+  Returns:
+    dict with `METRIC_KEYS` (Python floats), like `retrieval_metrics`.
+  """
+  folds = coco_fold_metrics(sims, captions_per_image, fold_size=fold_size, ties=ties)
   out = {k: float(np.mean([m[k] for m in folds])) for k in METRIC_KEYS if k != "rsum"}
   out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS))
-  out = {k: out[k] for k in METRIC_KEYS}
-  out["folds"] = folds
-  return out
+  return {k: out[k] for k in METRIC_KEYS}

@@ -3,6 +3,8 @@
 # Thin wrapper over `python -m gseps_jax.launch` (standard library only, so it needs no virtualenv
 # on your workstation). Run `launch/tpu_pod.sh SUBCOMMAND --help`; see launch/README.md.
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+script_dir="${BASH_SOURCE[0]%/*}"
+[[ "${script_dir}" == "${BASH_SOURCE[0]}" ]] && script_dir=.
+repo="$(cd "${script_dir}/.." && pwd)"
 export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
 exec "${PYTHON:-python3}" -m gseps_jax.launch "$@"

@@ -29,10 +29,11 @@ def aggr_logits(x, p):
   return (h @ p["w2"].T + p["b2"]) * p["scale"]
 
 
-def sdtps(tokens, text, p, rho):
+def sdtps(tokens, text, p, rho, tie_break="low"):
   """Final image tokens for one image guided by one text.
 
   tokens: [L, D] raw image tokens; text: [n_words, D] raw valid text tokens.
+  tie_break: "low" keeps the lower index among equal scores (the spec); "high" the other one.
   Returns [C + N_c + 1, D] normalised tokens.
   """
   n_tok = tokens.shape[0]
@@ -43,7 +44,8 @@ def sdtps(tokens, text, p, rho):
   txt_mean = _normalize(text.mean(0))
   score = np.array([_normalize(x[i]) @ img_mean + _normalize(x[i]) @ txt_mean for i in range(n)])
   k = math.ceil(n * rho)
-  order = sorted(range(n), key=lambda i: (-score[i], i))  # descending, ties: lower index first
+  sign = 1 if tie_break == "low" else -1
+  order = sorted(range(n), key=lambda i: (-score[i], sign * i))  # descending score
   kept, dropped = order[:k], order[k:]
   xk = x[kept]
   w = aggr_logits(xk, p)  # [K, N_c]

@@ -21,7 +21,8 @@ SLURM = dict(SLURM_JOB_ID="42", SLURM_STEP_NODELIST="gpu[01-02]", SLURM_NTASKS="
     ({}, "single", {}),
     ({"GSEPS_COORDINATOR": "h0:1234", "GSEPS_NUM_PROCESSES": "4", "GSEPS_PROCESS_ID": "2"},
      "explicit", {"coordinator_address": "h0:1234", "num_processes": 4, "process_id": 2}),
-    (dict(SLURM, GSEPS_COORDINATOR="gpu01:5555"), "explicit", {"coordinator_address": "gpu01:5555"}),
+    (dict(SLURM, GSEPS_COORDINATOR="gpu01:5555"), "explicit",
+     {"coordinator_address": "gpu01:5555"}),
     (SLURM, "slurm", {}),
     (dict(SLURM, SLURM_NTASKS="1"), "single", {}),
     (dict(SLURM, SLURM_STEP_NUM_TASKS="1"), "single", {}),  # the batch step of a 16-task job

@@ -56,8 +56,8 @@ def test_dry_run_create_plain_and_queued(capsys):
           flag(cmd, "version")) == ("us-central2-b", "proj", "v4-32", "tpu-ubuntu2204-base")
   assert "--spot" not in cmd
 
-  steps = dry(capsys, "create", *BASE, "--accelerator_type=v5p-8", "--runtime_version=v2-alpha-tpuv5",
-              "--queued", "--spot")
+  steps = dry(capsys, "create", *BASE, "--accelerator_type=v5p-8",
+              "--runtime_version=v2-alpha-tpuv5", "--queued", "--spot")
   (s1, create), (s2, describe) = steps
   assert (s1, s2) == ("create", "create:wait_active")
   assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "gx"]
@@ -95,15 +95,18 @@ def test_dry_run_setup_from_git(capsys):
   assert "checkout v1.2" in clone
 
 
-@pytest.mark.parametrize("sub,module", [("train", "gseps_jax.train"), ("eval", "gseps_jax.evaluate")])
-def test_dry_run_train_and_eval(capsys, sub, module):
-  [(step, cmd)] = dry(capsys, sub, *BASE, "--config=configs/grm_vit.py:tiny",
-                      "--bucket=gs://bkt/", "--", "--config.train.max_steps=7")
+@pytest.mark.parametrize("sub,module,flags", [
+    ("train", "gseps_jax.train",
+     ["--config=configs/grm_vit.py:tiny", "--workdir=gs://bkt/runs/gx"]),
+    ("eval", "gseps_jax.evaluate", ["--checkpoint=gs://bkt/runs/gx"]),
+])
+def test_dry_run_train_and_eval(capsys, sub, module, flags):
+  config = ["--config=configs/grm_vit.py:tiny"] if sub == "train" else []
+  [(step, cmd)] = dry(capsys, sub, *BASE, *config, "--bucket=gs://bkt/", "--", "--x=7")
   assert step == sub and "--worker=all" in cmd
   remote = flag(cmd, "command")
   inner = shlex.split(remote.split("GSEPS_DISTRIBUTED=auto ", 1)[1].split(" 2>&1")[0])
-  assert inner[1:] == ["-m", module, "--config=configs/grm_vit.py:tiny",
-                       "--workdir=gs://bkt/runs/gx", "--config.train.max_steps=7"]
+  assert inner[1:] == ["-m", module] + flags + ["--x=7"]
   assert f"tee ~/gseps_logs/{sub}-$(hostname).log" in remote  # one log per worker
   subprocess.run(["bash", "-n", "-c", remote], check=True)
 
@@ -197,20 +200,22 @@ def test_fake_gcloud_create_setup_train_in_order(fake_gcloud):
 
 
 def test_fake_gcloud_failure_stops_with_step_name(fake_gcloud):
-  proc, calls = fake_gcloud("setup", "--name=gx", "--zone=z1", fail="pip install")
+  proc, calls = fake_gcloud("setup", "--name=gx", "--zone=z1", fail="jax[tpu]")
   assert proc.returncode == 1
   assert "error: step 'setup:install' failed: gcloud exited with status 1" in proc.stderr
   assert [c[3] for c in calls] == ["scp", "ssh", "ssh", "ssh"]  # setup:check never ran
-  assert "pip install" in calls[-1][-1]
+  assert "jax[tpu]" in calls[-1][-1]
 
 
 def test_missing_gcloud_is_a_clear_error(tmp_path):
-  env = dict(os.environ, PATH=f"{tmp_path}:/usr/bin:/bin")
-  proc = subprocess.run(["bash", str(TPU_POD), "delete", "--name=gx", "--zone=z1"], env=env,
-                        capture_output=True, text=True, timeout=60)
-  assert proc.returncode == 1
+  # A PATH with only bash and python: this machine may have a real gcloud, never call it.
+  for name, target in (("bash", "/bin/bash"), ("python3", sys.executable)):
+    (tmp_path / name).symlink_to(target)
+  env = dict(os.environ, PATH=str(tmp_path))
+  proc = subprocess.run([str(tmp_path / "bash"), str(TPU_POD), "delete", "--name=gx", "--zone=z1"],
+                        env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 1, proc.stderr
   assert "step 'delete' failed: 'gcloud' is not on PATH" in proc.stderr
-
 
 # ----------------------------------------------------------------------------- SLURM
 

@@ -633,7 +633,8 @@ def params_from_official(state_dict: Mapping[str, Any], config) -> dict:
     node = params
     for seg in path[:-1]:
       node = node.setdefault(seg, {})
-    node[path[-1]] = np.ascontiguousarray(to_ours(np.asarray(state_dict[k])), dtype=np.float32)
+    # np.array, not ascontiguousarray: the latter turns the 0-d `scale` into shape (1,).
+    node[path[-1]] = np.array(to_ours(np.asarray(state_dict[k])), dtype=np.float32, order="C")
   return params
 
 
@@ -678,5 +679,5 @@ def params_to_official(params: Mapping[str, Any], config) -> dict:
   if problems:
     raise ValueError("Params do not match this SEPS config. " + " ".join(problems))
   for p, (name, _, to_off) in want.items():
-    out[name] = np.ascontiguousarray(to_off(np.asarray(flat[p])))
+    out[name] = np.array(to_off(np.asarray(flat[p])), order="C")
   return out

@@ -1,0 +1,373 @@
+"""Side-by-side speed (and parity) of gseps_jax against the SEPS authors' PyTorch code.
+
+Run:  python benchmarks/vs_official.py                       # everything, default sizes
+      python benchmarks/vs_official.py --images 32 --captions 160 --reps 3 --only score
+      python benchmarks/vs_official.py --official_dir /path/to/seps --json out.json
+
+Needs the official code (github.com/Sweet4tars/seps, or the fork maxingan2412/seps, at commit
+7f4dfa6) in benchmarks/_official/ or at --official_dir; see benchmarks/_official.py for how to get
+it and for the one shim used (hub loads -> random HF models from our configs; no torchvision).
+
+One process, one machine, both sides pinned to the same CPU set (`os.sched_setaffinity`, which
+bounds XLA's and torch's thread pools alike) and the same thread count (torch.set_num_threads,
+OMP/MKL env), printed at start. Repetitions are INTERLEAVED (official, ours, official, ours, ...)
+so that both sides see the same background load; medians are reported. Runs unchanged on a GPU
+(torch on cuda if available, JAX on its default backend).
+
+Sections:
+  score  SEPS all-pairs scoring, official `VSEModel.forward_sim` -> `CrossSparseAggrNet_v2`
+         (eval, no_grad) vs our `SEPSHead` (parity mode), ViT-224 token counts (197 image tokens,
+         32-token captions, 90-token dense captions, D=512), same random features, aggregation-net
+         weights copied across; prints the max abs difference of the two score matrices.
+  train  one full training step (forward, backward, grad clip, AdamW) of the official VSEModel vs
+         our SEPS `trainer.train_step`, identical reduced configs (ViT and BERT 4 layers, width 256,
+         112 px, batch 32), random weights; and our GRM step against our SEPS step.
+  grm    GRM all-pairs kernel (`similarity.token_similarity`) vs a straightforward PyTorch version
+         of the same formula (full einsum, then masked max/mean) on the same inputs.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+TARGETS = {"score": 10.0, "train": 1.5, "grm": 3.0}
+
+
+def _parse(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--official_dir", default=None, help="official SEPS checkout (default "
+                 "benchmarks/_official)")
+  p.add_argument("--only", default="score,train,grm", help="comma list of sections")
+  p.add_argument("--threads", type=int, default=0, help="CPU threads for both sides (0 = all "
+                 "CPUs this process may use)")
+  p.add_argument("--reps", type=int, default=3, help="timed repetitions per side (interleaved)")
+  p.add_argument("--images", type=int, default=128, help="score: images")
+  p.add_argument("--captions", type=int, default=640, help="score: captions (each with a dense "
+                 "caption, parity mode)")
+  p.add_argument("--chunk", default="32,128", help="score: our pair tile 'images,captions'")
+  p.add_argument("--grm_images", type=int, default=128)
+  p.add_argument("--grm_captions", type=int, default=640)
+  p.add_argument("--grm_chunk", default="32,128", help="grm: our pair tile")
+  p.add_argument("--torch_block", type=int, default=16, help="grm: images per torch einsum "
+                 "block (bounds its [block, Nc, 197, 32] intermediate)")
+  p.add_argument("--batch", type=int, default=32, help="train: batch size")
+  p.add_argument("--width", type=int, default=256)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--image_size", type=int, default=112)
+  p.add_argument("--json", default="", help="write results here")
+  return p.parse_args(argv)
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None:
+  # Before importing jax/torch: same CPUs and thread counts for both frameworks.
+  _cpus = sorted(os.sched_getaffinity(0))
+  if ARGS.threads > 0:
+    _cpus = _cpus[:ARGS.threads]
+    os.sched_setaffinity(0, _cpus)
+  for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_v] = str(len(_cpus))
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (_HERE, os.path.dirname(_HERE)):
+  if _p not in sys.path:
+    sys.path.insert(0, _p)
+
+import _official  # pylint: disable=g-import-not-at-top
+import roofline
+from gseps_jax.models import seps as seps_lib
+from gseps_jax.models import similarity
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync_torch():
+  if DEV == "cuda":
+    torch.cuda.synchronize()
+
+
+def _time(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def interleaved(off_fn, ours_fn, reps):
+  """Warm both, then alternate official/ours `reps` times. Returns (off_times, our_times)."""
+  off_fn()
+  ours_fn()
+  off, ours = [], []
+  for _ in range(reps):
+    off.append(_time(off_fn))
+    ours.append(_time(ours_fn))
+  return off, ours
+
+
+def _pair(s):
+  a = [int(x) for x in str(s).split(",")]
+  return (a[0], a[0]) if len(a) == 1 else (a[0], a[1])
+
+
+def _verdict(ratio, target):
+  return f"{'MET' if ratio >= target else 'MISSED'} (target >= {target:g}x, got {ratio:.2f}x)"
+
+
+def _lens(rng, n, lo, hi):
+  return rng.integers(lo, hi + 1, size=n)
+
+
+# ----------------------------------------------------------------------------------------------
+def bench_score(args, vse, cross_net_mod):
+  ni, nc = args.images, args.captions
+  n_tok, l_cap, l_den, d = roofline.IMG_TOKENS, roofline.CAP_LEN, roofline.DENSE_LEN, roofline.EMBED
+  rng = np.random.default_rng(0)
+  img = rng.standard_normal((ni, n_tok, d), np.float32)
+  cap = rng.standard_normal((nc, l_cap, d), np.float32)
+  den = rng.standard_normal((nc, l_den, d), np.float32)
+  cap_len = _lens(rng, nc, 8, l_cap)
+  den_len = _lens(rng, nc, 40, l_den)
+  pos = lambda L: np.arange(L)[None]
+  cap_mask = pos(l_cap) < cap_len[:, None]
+  den_mask = pos(l_den) < den_len[:, None]
+
+  opt = _official.make_opt(num_patches=n_tok - 1)
+  torch.manual_seed(0)
+  net = cross_net_mod.CrossSparseAggrNet_v2(opt).to(DEV).eval()
+  holder = type("Holder", (), {"cross_net": net})()  # forward_sim only reads self.cross_net
+  t_img, t_cap, t_den = (torch.from_numpy(a).to(DEV) for a in (img, cap, den))
+  t_cl, t_dl = torch.from_numpy(cap_len).to(DEV), torch.from_numpy(den_len).to(DEV)
+
+  def off_run():
+    with torch.no_grad():
+      out = vse.VSEModel.forward_sim(holder, t_img, t_cap, t_cl, t_den, t_dl)
+    _sync_torch()
+    return out
+
+  head = seps_lib.SEPSHead(num_aggregated=net.keeped_patches, rho=opt.sparse_ratio,
+                           dense_mode="parity")
+  params = {"aggr_net": jax.tree.map(jnp.asarray, _official.aggr_net_to_ours(net.aggr_net))}
+  chunk = _pair(args.chunk)
+  score = jax.jit(lambda p, *a: head.apply({"params": p}, *a, chunk=chunk))
+  j_args = [jnp.asarray(a) for a in (img, cap, cap_mask, den, den_mask)]
+
+  def ours_run():
+    return score(params, *j_args).block_until_ready()
+
+  t0 = time.perf_counter()
+  ours = np.asarray(ours_run())
+  compile_s = time.perf_counter() - t0
+  off = off_run().cpu().numpy()
+  diff = float(np.max(np.abs(off - ours)))
+  print(f"[score] parity: max |official - ours| = {diff:.3g} over {ni}x{nc} scores "
+        f"(scores span {off.min():.3f}..{off.max():.3f}); our compile+first run {compile_s:.1f} s")
+  t_off, t_ours = interleaved(off_run, ours_run, args.reps)
+  pairs = ni * nc
+  m_off, m_ours = float(np.median(t_off)), float(np.median(t_ours))
+  ratio = m_off / m_ours
+  print(f"[score] {ni} images x {nc} captions (+{nc} dense), N_c={net.keeped_patches}: "
+        f"official {m_off:.3f} s ({pairs / m_off:,.0f} pairs/s), ours {m_ours:.3f} s "
+        f"({pairs / m_ours:,.0f} pairs/s), chunk {chunk} -> {_verdict(ratio, TARGETS['score'])}")
+  # Achieved FLOP/s of ours from XLA's own count (one untiled tile of the same shapes).
+  return {"images": ni, "captions": nc, "max_abs_diff": diff, "official_s": t_off,
+          "ours_s": t_ours, "official_median_s": m_off, "ours_median_s": m_ours, "ratio": ratio,
+          "pairs_per_s_official": pairs / m_off, "pairs_per_s_ours": pairs / m_ours,
+          "chunk": chunk}
+
+
+# ----------------------------------------------------------------------------------------------
+def _official_train(args, vse, vision, text, batch):
+  opt = _official.make_opt(max_violation=True)
+  torch.manual_seed(0)
+  model = _official.build_vse_model(vse, vision, text, opt).to(DEV).train()
+  optimizer = vse.create_optimizer(opt, model)
+  images = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(DEV)  # NCHW
+  ids = torch.from_numpy(batch["input_ids"].astype(np.int64)).to(DEV)
+  lens = torch.from_numpy(batch["_lens"]).to(DEV)
+  dids = torch.from_numpy(batch["dense_ids"].astype(np.int64)).to(DEV)
+  dlens = torch.from_numpy(batch["_dense_lens"]).to(DEV)
+  img_ids = torch.from_numpy(batch["image_index"].astype(np.int64)).to(DEV)
+
+  def step():  # the body of official train.py:train() for one batch
+    optimizer.zero_grad()
+    loss, _ = model(images, ids, lens, img_ids=img_ids, warmup_alpha=1.0, long_captions=dids,
+                    long_lengths=dlens)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+    optimizer.step()
+    _sync_torch()
+    return float(loss)
+
+  n_params = sum(p.numel() for p in model.parameters())
+  return step, n_params, model.cross_net.keeped_patches
+
+
+def _our_train(name, vision, text, batch_np, num_aggregated=None):
+  config = roofline.train_config(name, vision, text, batch=batch_np["image"].shape[0])
+  if name == "seps" and num_aggregated is not None:
+    # N_c from the true patch grid on both sides (the official encoder hard-codes 196 patches).
+    grid = (vision["image_size"] // vision["patch_size"]) ** 2
+    config.model.seps.num_patches = grid
+  _, _, step, init = roofline.build_train_step(config)
+  jstep = jax.jit(step, donate_argnums=0)
+  state = jax.jit(init)()
+  batch = {k: jnp.asarray(v) for k, v in roofline._model_batch(batch_np).items()}  # pylint: disable=protected-access
+  rng = jax.random.key(1)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = jstep(holder["state"], batch, rng)
+    jax.block_until_ready(holder["state"])
+    return float(metrics["loss"])
+
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  return run, n_params, config
+
+
+def bench_train(args, vse):
+  vision, text = roofline.reduced_encoders(args.width, args.layers, args.image_size)
+  cfg = roofline.train_config("seps", vision, text, batch=args.batch)
+  batch = roofline.random_batch(cfg, np.random.default_rng(0), args.batch)
+  off_step, off_params, off_nc = _official_train(args, vse, vision, text, batch)
+  seps_step, seps_params, seps_cfg = _our_train("seps", vision, text, batch, off_nc)
+  grm_step, grm_params, _ = _our_train("grm", vision, text, batch)
+  print(f"[train] {args.layers} layers, width {args.width}, {args.image_size} px, batch "
+        f"{args.batch}, captions {cfg.data.max_len} / dense {cfg.data.dense_max_len} tokens; "
+        f"params official {off_params / 1e6:.2f} M, our SEPS {seps_params / 1e6:.2f} M, "
+        f"our GRM {grm_params / 1e6:.2f} M; N_c {off_nc}")
+  t0 = time.perf_counter()
+  seps_step()
+  print(f"[train] our SEPS compile + first step {time.perf_counter() - t0:.1f} s")
+  t0 = time.perf_counter()
+  grm_step()
+  print(f"[train] our GRM compile + first step {time.perf_counter() - t0:.1f} s")
+  off_step()
+  t_off, t_seps, t_grm = [], [], []
+  for _ in range(args.reps):
+    t_off.append(_time(off_step))
+    t_seps.append(_time(seps_step))
+    t_grm.append(_time(grm_step))
+  m_off, m_seps, m_grm = (float(np.median(t)) for t in (t_off, t_seps, t_grm))
+  ratio = m_off / m_seps
+  print(f"[train] SEPS step: official {m_off:.3f} s, ours {m_seps:.3f} s -> "
+        f"{_verdict(ratio, TARGETS['train'])}")
+  print(f"[train] GRM step (ours) {m_grm:.3f} s = {m_grm / m_seps:.2f}x our SEPS step "
+        "(no official GRM code exists)")
+  # XLA's FLOP count of the same steps, for the achieved CPU FLOP/s.
+  flops = {}
+  for name in ("seps", "grm"):
+    c = roofline.train_step_cost(roofline.train_config(name, vision, text, batch=args.batch))
+    flops[name] = c["flops"]
+  print(f"[train] achieved: our SEPS {flops['seps'] / m_seps / 1e9:.1f} GFLOP/s, "
+        f"our GRM {flops['grm'] / m_grm / 1e9:.1f} GFLOP/s (XLA-counted FLOPs / median time)")
+  return {"official_s": t_off, "seps_s": t_seps, "grm_s": t_grm, "official_median_s": m_off,
+          "seps_median_s": m_seps, "grm_median_s": m_grm, "ratio": ratio,
+          "grm_over_seps": m_grm / m_seps, "xla_flops": flops,
+          "params": {"official": off_params, "seps": seps_params, "grm": grm_params}}
+
+
+# ----------------------------------------------------------------------------------------------
+def torch_token_similarity(x, xm, y, ym, block):
+  """The GRM formula the straightforward way: full cosine einsum, then masked max / mean.
+
+  x [Bx, Lx, D], xm [Bx, Lx] bool, y [By, Ly, D], ym [By, Ly] bool -> [Bx, By] (both directions,
+  halved). Images are processed `block` at a time so that [block, By, Lx, Ly] fits in memory.
+  """
+  xn = torch.nn.functional.normalize(x, dim=-1) * xm[..., None]
+  yn = torch.nn.functional.normalize(y, dim=-1) * ym[..., None]
+  out = []
+  ym4 = ym[None, :, None, :]
+  for i in range(0, x.shape[0], block):
+    s = torch.einsum("ild,jmd->ijlm", xn[i:i + block], yn)
+    xm4 = xm[i:i + block, None, :, None]
+    x2y = s.masked_fill(~ym4, -1e4).amax(3)  # [b, By, Lx]
+    xc = xm[i:i + block, None, :].float()
+    x2y = (x2y * xc).sum(-1) / xc.sum(-1).clamp(min=1)
+    y2x = s.masked_fill(~xm4, -1e4).amax(2)  # [b, By, Ly]
+    yc = ym[None].float()
+    y2x = (y2x * yc).sum(-1) / yc.sum(-1).clamp(min=1)
+    out.append(0.5 * (x2y + y2x))
+  return torch.cat(out, 0)
+
+
+def bench_grm(args):
+  ni, nc = args.grm_images, args.grm_captions
+  rng = np.random.default_rng(1)
+  lx, ly, d = roofline.IMG_TOKENS, roofline.CAP_LEN, roofline.EMBED
+  x = rng.standard_normal((ni, lx, d), np.float32)
+  y = rng.standard_normal((nc, ly, d), np.float32)
+  xm = rng.random((ni, lx)) < 0.7  # as a key-level saliency mask
+  xm[:, 0] = True
+  ym = np.arange(ly)[None] < _lens(rng, nc, 8, ly)[:, None]
+  tx, ty = torch.from_numpy(x).to(DEV), torch.from_numpy(y).to(DEV)
+  txm, tym = torch.from_numpy(xm).to(DEV), torch.from_numpy(ym).to(DEV)
+
+  def off_run():
+    with torch.no_grad():
+      out = torch_token_similarity(tx, txm, ty, tym, args.torch_block)
+    _sync_torch()
+    return out
+
+  chunk = _pair(args.grm_chunk)
+  jx, jxm, jy, jym = (jnp.asarray(a) for a in (x, xm, y, ym))
+
+  def ours_run():
+    return similarity.token_similarity(jx, jxm, jy, jym, chunk=chunk).block_until_ready()
+
+  diff = float(np.max(np.abs(off_run().cpu().numpy() - np.asarray(ours_run()))))
+  t_off, t_ours = interleaved(off_run, ours_run, args.reps)
+  m_off, m_ours = float(np.median(t_off)), float(np.median(t_ours))
+  ratio = m_off / m_ours
+  pairs = ni * nc
+  flops = roofline.cost_of(
+      lambda *a: similarity.token_similarity(*a, chunk=None),
+      *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (jx, jxm, jy, jym)))["flops"]
+  print(f"[grm] kernel {ni} x {nc} (197 x 32 tokens): max |torch - ours| = {diff:.3g}; "
+        f"torch formula {m_off:.3f} s ({pairs / m_off:,.0f} pairs/s), ours {m_ours:.3f} s "
+        f"({pairs / m_ours:,.0f} pairs/s; {flops / m_ours / 1e9:.1f} GFLOP/s XLA-counted), "
+        f"chunk {chunk} -> {_verdict(ratio, TARGETS['grm'])}")
+  return {"images": ni, "captions": nc, "max_abs_diff": diff, "official_s": t_off,
+          "ours_s": t_ours, "official_median_s": m_off, "ours_median_s": m_ours,
+          "ratio": ratio, "xla_flops": flops, "chunk": chunk}
+
+
+def main(args):
+  sections = [s.strip() for s in args.only.split(",") if s.strip()]
+  vse = cross = None
+  if any(s in sections for s in ("score", "train")):
+    try:
+      vse, cross, path = _official.import_official(args.official_dir)
+    except _official.OfficialCodeMissing as err:
+      sys.exit(str(err))
+    print(f"official code: {path} @ commit {_official.commit_of(path)} "
+          f"({_official.OFFICIAL_REPOS[0]}, fork {_official.OFFICIAL_REPOS[1]})")
+  cpus = sorted(os.sched_getaffinity(0))
+  torch.set_num_threads(len(cpus))
+  print(f"device: torch {torch.__version__} on {DEV}, jax {jax.__version__} on "
+        f"{jax.default_backend()} ({jax.devices()[0].device_kind}); CPUs {cpus}; "
+        f"torch.get_num_threads()={torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; reps {args.reps} (interleaved, "
+        "medians)")
+  results = {"device": {"torch": DEV, "jax": jax.default_backend(), "cpus": cpus,
+                        "torch_threads": torch.get_num_threads()}}
+  if "score" in sections:
+    results["score"] = bench_score(args, vse, cross)
+  if "train" in sections:
+    results["train"] = bench_train(args, vse)
+  if "grm" in sections:
+    results["grm"] = bench_grm(args)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1, default=float)
+  return results
+
+
+if __name__ == "__main__":
+  main(ARGS)

@@ -1,0 +1,275 @@
+"""GRM heads against NumPy re-derivations, the uncertainty sampler by Monte Carlo, and `:tiny`
+training steps."""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy.special import erf
+
+from configs import grm_swin, grm_vit
+from gseps_jax import losses
+from gseps_jax.models import encoders
+from gseps_jax.models import grm as grm_lib
+
+
+# ----------------------------------------------------------------------------- saliency adapter
+
+
+def numpy_keep_logit(params, tokens):
+  """LayerNorm (eps 1e-6) -> Dense -> exact GELU -> Dense -> logp0 - logp1, in float64."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(tokens, np.float64)
+  x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  x = x * p["norm"]["scale"] + p["norm"]["bias"]
+  h = x @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+  h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+  z = h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  return z[..., 0] - z[..., 1]  # the log-softmax difference equals the logit difference
+
+
+@pytest.fixture(scope="module")
+def adapter():
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.normal(size=(5, 7, 16)), jnp.float32)
+  valid = np.ones((5, 7), bool)
+  valid[1, 4:] = False
+  valid[2, 1:] = False
+  valid[4] = False  # an all-padding item
+  sa = grm_lib.SaliencyAdapter(tau=0.7, hard=True)
+  params = sa.init(jax.random.key(0), tokens, valid, train=False)["params"]
+  apply = jax.jit(functools.partial(sa.apply, train=False))
+  apply_train = jax.jit(lambda p, t, v, k: sa.apply({"params": p}, t, v, train=True,
+                                                    rngs={"gumbel": k}))
+  return dict(sa=sa, tokens=tokens, valid=jnp.asarray(valid), params=params, apply=apply,
+              apply_train=apply_train)
+
+
+def test_adapter_eval_is_argmax_without_noise(adapter):
+  out = adapter["apply"]({"params": adapter["params"]}, adapter["tokens"], adapter["valid"])
+  logit = numpy_keep_logit(adapter["params"], adapter["tokens"])
+  valid = np.asarray(adapter["valid"])
+  expected = (logit >= 0) & valid
+  for b in range(5):  # the force-keep rule, by hand
+    if valid[b].any() and not expected[b].any():
+      expected[b, np.argmax(np.where(valid[b], logit[b], -np.inf))] = True
+  np.testing.assert_array_equal(np.asarray(out["keep"]), expected)
+  np.testing.assert_array_equal(np.asarray(out["mask"]), expected.astype(np.float32))
+  np.testing.assert_allclose(np.asarray(out["prob"]), 1 / (1 + np.exp(-logit)), atol=1e-5)
+
+
+def _drop_everything(params):
+  """fc2 biases that make every token's keep logit very negative."""
+  params = flax.core.unfreeze(jax.tree.map(lambda a: a, params))
+  params["fc2"]["bias"] = jnp.array([-50.0, 50.0])
+  return params
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_adapter_keeps_one_token_and_never_padding(adapter, train):
+  params = _drop_everything(adapter["params"])
+  tokens, valid = adapter["tokens"], adapter["valid"]
+  if train:
+    out = adapter["apply_train"](params, tokens, valid, jax.random.key(3))
+  else:
+    out = adapter["apply"]({"params": params}, tokens, valid)
+  keep = np.asarray(out["keep"])
+  assert not (keep & ~np.asarray(valid)).any()
+  np.testing.assert_array_equal(keep.sum(-1), [1, 1, 1, 1, 0])  # item 4 has no valid token
+  logit = numpy_keep_logit(params, tokens)
+  forced = np.argmax(np.where(np.asarray(valid), logit, -np.inf), axis=-1)
+  np.testing.assert_array_equal(np.argmax(keep[:4], -1), forced[:4])
+  assert (np.asarray(out["mask"])[~np.asarray(valid)] == 0).all()
+
+
+def test_adapter_training_straight_through(adapter):
+  tokens, valid = adapter["tokens"], adapter["valid"]
+  w = jax.random.normal(jax.random.key(1), valid.shape)
+
+  def f(p, key):
+    out = adapter["sa"].apply({"params": p}, tokens, valid, train=True, rngs={"gumbel": key})
+    return jnp.sum(out["mask"] * w), out
+
+  (_, out), g = jax.jit(jax.value_and_grad(f, has_aux=True))(adapter["params"],
+                                                              jax.random.key(2))
+  mask = np.asarray(out["mask"])
+  np.testing.assert_allclose(mask, np.asarray(out["keep"], np.float32), atol=1e-6)  # hard fwd
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g)) > 1e-4  # soft backward
+  # Gumbel noise: two keys give different decisions somewhere (eval never does).
+  keeps = [np.asarray(adapter["apply_train"](adapter["params"], tokens, valid,
+                                             jax.random.key(k))["keep"]) for k in range(4)]
+  assert any((keeps[0] != k).any() for k in keeps[1:])
+
+
+# ----------------------------------------------------------------------------- regions
+
+
+def test_region_prompts_match_numpy():
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
+  keep = jnp.asarray(rng.random((2, 6)) < 0.7).at[:, 0].set(True)
+  for kwargs in (dict(), dict(normalize_tokens=True, learn_scale=True, init_scale=5.0)):
+    mod = grm_lib.RegionPrompts(num_regions=3, **kwargs)
+    params = mod.init(jax.random.key(0), tokens, keep)["params"]
+    attn, means, stats = mod.apply({"params": params}, tokens, keep)
+    p = np.asarray(params["prompts"], np.float64)
+    p = p / np.linalg.norm(p, axis=1, keepdims=True)
+    v = np.asarray(tokens, np.float64)
+    if kwargs:
+      v = v / np.linalg.norm(v, axis=-1, keepdims=True)
+    scale = kwargs.get("init_scale", 1.0)
+    a = 1 / (1 + np.exp(-scale * v @ p.T)) * np.asarray(keep)[..., None]
+    a_hat = a / a.sum(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(attn), a_hat, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(means),
+                               np.einsum("blk,bld->bkd", a_hat, np.asarray(tokens)), atol=1e-5)
+    ent = -(a_hat * np.log(np.where(a_hat > 0, a_hat, 1))).sum(1).mean()
+    assert float(stats["region_entropy"]) == pytest.approx(ent, rel=1e-4)
+    mu = np.einsum("blk,bld->bkd", a_hat, np.asarray(tokens))
+    mu = mu / np.linalg.norm(mu, axis=-1, keepdims=True)
+    cos = [mu[b, i] @ mu[b, j] for b in range(2) for i in range(3) for j in range(3) if i != j]
+    assert float(stats["region_cos"]) == pytest.approx(np.mean(cos), rel=1e-4)
+
+
+def test_cheap_sampler_matches_per_token_form_in_distribution():
+  """Mean and covariance of u_k agree by Monte Carlo (n = 20,000 draws each).
+
+  Both are Gaussian with mean mu_k and covariance sigma_k^2 ||Â[:, k]||^2 I (the per-token form
+  because each column of Â sums to 1). With n draws a variance estimate has a standard error of
+  about var * sqrt(2 / n) = 1% of var, a mean one of sqrt(var / n); tolerances are 5 of those.
+  """
+  rng = np.random.default_rng(2)
+  a = rng.random((1, 6, 2)) ** 3  # uneven columns: ||Â[:, k]|| well above 1/sqrt(L)
+  attn = jnp.asarray(a / a.sum(1, keepdims=True), jnp.float32)
+  means = jnp.asarray(rng.normal(size=(1, 2, 3)), jnp.float32)
+  logvar = jnp.asarray(np.log([[[0.5, 1.0, 2.0], [1.5, 0.3, 1.0]]]), jnp.float32)
+  n = 20000
+  keys = jax.random.split(jax.random.key(0), n)
+  draw = lambda f: np.asarray(jax.jit(jax.vmap(lambda k: f(means, logvar, attn, k)[0]))(keys),
+                              np.float64)  # [n, K, D]
+  cheap = draw(grm_lib.sample_regions)
+  per_token = draw(grm_lib.sample_regions_per_token)
+  var = np.exp(np.asarray(logvar[0], np.float64)) * (np.asarray(attn[0]) ** 2).sum(0)[:, None]
+  for u in (cheap, per_token):
+    np.testing.assert_allclose(u.mean(0), means[0], atol=5 * np.sqrt(var.max() / n))
+    for k in range(2):
+      cov = np.cov(u[:, k].T)  # [D, D]
+      np.testing.assert_allclose(np.diag(cov), var[k], rtol=5 * np.sqrt(2 / n))
+      off = cov - np.diag(np.diag(cov))
+      assert np.abs(off).max() < 5 * var[k].max() * np.sqrt(1 / n)
+  for k in range(2):  # and directly against each other
+    np.testing.assert_allclose(np.diag(np.cov(cheap[:, k].T)), np.diag(np.cov(per_token[:, k].T)),
+                               rtol=10 * np.sqrt(2 / n))
+
+
+def test_uncertainty_eval_is_the_mean_and_logvar_is_clipped():
+  mu = 100.0 * jax.random.normal(jax.random.key(0), (2, 3, 8))
+  attn = jnp.full((2, 4, 3), 0.25)
+  mod = grm_lib.RegionUncertainty(hidden=8, logvar_min=-1.0, logvar_max=0.5)
+  params = mod.init(jax.random.key(1), mu, attn, train=False)["params"]
+  u, logvar = mod.apply({"params": params}, mu, attn, train=False)
+  np.testing.assert_array_equal(np.asarray(u), np.asarray(mu))
+  assert float(logvar.min()) >= -1.0 and float(logvar.max()) <= 0.5
+  assert float(logvar.min()) == -1.0 and float(logvar.max()) == 0.5  # large inputs hit the clip
+  u_train, _ = mod.apply({"params": params}, mu, attn, train=True,
+                         rngs={"noise": jax.random.key(2)})
+  assert float(jnp.abs(u_train - mu).max()) > 0
+
+
+# ----------------------------------------------------------------------------- full model
+
+
+def tiny_batch(b=4, length=8):
+  lengths = jnp.array([8, 5, 3, 6, 2, 7, 4, 8])[:b]
+  return dict(image=jax.random.normal(jax.random.key(0), (b, 64, 64, 3)),
+              input_ids=jax.random.randint(jax.random.key(1), (b, length), 1, 1000),
+              attention_mask=jnp.arange(length)[None, :] < lengths[:, None],
+              image_index=jnp.arange(b))
+
+
+@pytest.fixture(scope="module")
+def tiny_grm():
+  config = grm_vit.get_config("tiny")
+  model = grm_lib.GRM(config.model)
+  batch = tiny_batch()
+  rngs = {k: jax.random.key(i) for i, k in enumerate(("params", "dropout", "gumbel", "noise"))}
+  params = jax.jit(lambda: model.init(rngs, batch, train=False)["params"])()
+  return config, model, batch, params
+
+
+def test_grm_eval_score_equals_weighted_training_forward(tiny_grm):
+  config, model, batch, params = tiny_grm
+
+  @jax.jit
+  def run(p):
+    sims, aux = model.apply({"params": p}, batch, train=False)
+    img = model.apply({"params": p}, batch["image"], method=grm_lib.GRM.encode_images)
+    txt = model.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
+                      method=grm_lib.GRM.encode_texts)
+    score = model.apply({"params": p}, img, txt, chunk=3, method=grm_lib.GRM.score)
+    return sims, aux, img, txt, score
+
+  sims, aux, img, txt, score = run(params)
+  assert set(sims) == {"ori", "key", "unc"} and all(s.shape == (4, 4) for s in sims.values())
+  assert set(aux) == {"recon", "kl", "ent", "keep_ratio_img", "keep_ratio_txt",
+                      "region_entropy", "region_cos"}
+  assert all(a.shape == () and np.isfinite(float(a)) for a in aux.values())
+  w = config.model.grm.level_weights
+  np.testing.assert_allclose(np.asarray(score),
+                             np.asarray(sum(w[k] * sims[k] for k in grm_lib.LEVELS)), atol=1e-5)
+  assert img["ori"].shape == (4, 17, 32) and img["unc"].shape == (4, 4, 32)  # 1 + (64/16)^2
+  assert txt["ori"].shape == (4, 8, 32)
+  assert not np.asarray(txt["key_mask"] & ~batch["attention_mask"]).any()
+
+
+def test_grm_tiny_training_lowers_the_loss(tiny_grm):
+  config, model, batch, params = tiny_grm
+  tx = optax.adam(1e-3)
+
+  def loss_fn(p, key):
+    rngs = dict(zip(("dropout", "gumbel", "noise"), jax.random.split(key, 3)))
+    sims, aux = model.apply({"params": p}, batch, train=True, rngs=rngs)
+    return losses.total_loss(sims, aux, batch, config, warmup=True, warmup_scale=1.0)
+
+  @jax.jit
+  def step(p, opt, key):
+    (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(p, key)
+    updates, opt = tx.update(g, opt, p)
+    return optax.apply_updates(p, updates), opt, loss, g
+
+  opt = tx.init(params)
+  p, history = params, []
+  for i in range(8):
+    p, opt, loss, g = step(p, opt, jax.random.key(100 + i))
+    history.append(float(loss))
+    if i == 0:  # every head receives a gradient (the adapters through regions / recon)
+      for name in ("sa", "regions", "uncertainty", "vision_proj", "text_proj", "text_encoder"):
+        assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g[name])) > 0, name
+  assert all(np.isfinite(history))
+  assert np.mean(history[-3:]) < 0.8 * np.mean(history[:2]), history
+
+
+def test_grm_freeze_text_and_swin_tiny():
+  config = grm_swin.get_config("tiny,num_regions=3")
+  config.model.freeze_text = True
+  model = grm_lib.GRM(config.model)
+  batch = tiny_batch(b=2)
+  rngs = {k: jax.random.key(i) for i, k in enumerate(("params", "dropout", "gumbel", "noise"))}
+
+  @jax.jit
+  def run():
+    p = model.init(rngs, batch, train=False)["params"]
+    f = lambda p: model.apply({"params": p}, batch, train=True, rngs=rngs)[0]["ori"].sum()
+    return model.apply({"params": p}, batch["image"], method=grm_lib.GRM.encode_images), \
+        jax.grad(f)(p)
+
+  img, g = run()
+  n_tokens = encoders.encoder_num_tokens(config.model.vision)  # 64 px / 4 / 2 -> 8 x 8
+  assert img["ori"].shape == (2, n_tokens, 32) and n_tokens == 64
+  assert img["unc"].shape == (2, 3, 32)
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g["text_encoder"])) == 0.0
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g["text_proj"])) > 0.0
