@@ -74,37 +74,47 @@ class Evaluator:
     self.dense_mode = dense_mode or config.eval.dense_mode
     self.chunk = chunk or config.eval.chunk
     self.batch_size = batch_size or config.eval.batch_size
-    self.data = pipeline.EvalData(config.data, split)
+    self.source = pipeline.open_split(config.data, split)
+    self.tok = pipeline.tokenizer_from_config(config)
+    self.pp = pipeline.Preprocess.from_config(config.data)
+    self.num_workers = config.data.get("num_workers", 0)
+    self.num_images = len(self.source)
+    self.captions_per_image = 5
+    self.num_captions = self.num_images * self.captions_per_image
+    ndev = mesh.devices.size
+    self.batch_size = -(-self.batch_size // ndev) * ndev  # whole batches per device
     self.uses_dense = config.model.name == "seps" and config.model.seps.use_dense
     self._encode_img = jax.jit(functools.partial(model.apply, method="encode_images"))
     self._encode_txt = jax.jit(functools.partial(model.apply, method="encode_texts"))
     self._scorer = None
 
   # -- encoding -------------------------------------------------------------------------------
-  def _encode(self, fn, params, batches, n):
-    """Runs `fn` over host batches sharded on the mesh; returns host features for n items."""
-    ndev = self.mesh.devices.size
-    out = []
+  def _encode(self, params, batches, jobs, n):
+    """Runs each `(fn, keys)` job over this process's slices of the global batches; returns one
+    host feature tree [n, ...] per job, in dataset order on every process (positions are
+    contiguous, so the padding is only at the end)."""
+    bs = sharding.batch_sharding(self.mesh)
+    out = [[] for _ in jobs]
     for batch in batches:
-      m = len(next(iter(batch.values())))
-      padded = {k: _pad_rows(np.asarray(v), ndev) for k, v in batch.items()}
-      arrays = jax.device_put(padded, sharding.batch_sharding(self.mesh))
-      feats = fn({"params": params}, *[arrays[k] for k in padded])
-      out.append(jax.tree.map(lambda a, m=m: _gather(a)[:m], feats))
-    feats = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *out)
-    assert len(jax.tree.leaves(feats)[0]) == n
-    return feats
+      for acc, (fn, keys) in zip(out, jobs):
+        arrays = [jax.make_array_from_process_local_data(bs, np.asarray(batch[k])) for k in keys]
+        acc.append(jax.tree.map(_gather, fn({"params": params}, *arrays)))
+    return [jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[:n], *acc) for acc in out]
 
   def encode(self, params):
-    img = self._encode(self._encode_img, params, self.data.image_batches(self.batch_size),
-                       self.data.num_images)
-    txt = self._encode(self._encode_txt, params, self.data.caption_batches(self.batch_size),
-                       self.data.num_captions)
-    dense = None
+    """Host features (images, captions, dense captions or None), each in dataset order."""
+    from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    kw = dict(global_batch_size=self.batch_size, num_workers=self.num_workers)
+    jobs = [(self._encode_img, ["image"])]
     if self.uses_dense:
-      dense = self._encode(self._encode_txt, params, self.data.dense_batches(self.batch_size),
-                           self.data.num_images)
-    return img, txt, dense
+      jobs.append((self._encode_txt, ["dense_ids", "dense_mask"]))
+    img_out = self._encode(params, pipeline.eval_image_batches(self.source, self.tok, self.pp,
+                                                               **kw), jobs, self.num_images)
+    (txt,) = self._encode(params, pipeline.eval_caption_batches(self.source, self.tok, self.pp,
+                                                                **kw),
+                          [(self._encode_txt, ["input_ids", "attention_mask"])],
+                          self.num_captions)
+    return img_out[0], txt, (img_out[1] if self.uses_dense else None)
 
   # -- scoring --------------------------------------------------------------------------------
   def _make_scorer(self):
@@ -131,12 +141,12 @@ class Evaluator:
   def scores(self, params, feats=None) -> jax.Array:
     """[n_images, n_captions] scores as a jax.Array whose rows are sharded over the mesh."""
     img, txt, dense = feats if feats is not None else self.encode(params)
-    ni = self.data.num_images
+    ni = self.num_images
     ndev = self.mesh.devices.size
     img = jax.tree.map(lambda a: _pad_rows(a, ndev), img)
     if dense is not None and not (self.dense_mode == "parity"):
       dense = jax.tree.map(lambda a: _pad_rows(a, ndev), dense)
-    caption_image = np.arange(self.data.num_captions, dtype=np.int32) // self.data.captions_per_image
+    caption_image = np.arange(self.num_captions, dtype=np.int32) // self.captions_per_image
     if self._scorer is None:
       self._scorer = self._make_scorer()
     with self.mesh:
@@ -150,7 +160,7 @@ class Evaluator:
     sims = self.scores(params, feats)
     sims.block_until_ready()
     t2 = time.time()
-    cpi = self.data.captions_per_image
+    cpi = self.captions_per_image
     out = {}
     if self.protocol in ("flickr1k", "coco5k"):
       out = metrics_lib.retrieval_metrics(sims, cpi)
@@ -160,8 +170,8 @@ class Evaluator:
       out = {f"5k_{k}": v for k, v in metrics_lib.retrieval_metrics(sims, cpi).items()}
       out.update(metrics_lib.coco_1k_folds(sims, cpi))
     out = {k: float(v) for k, v in out.items()}
-    out.update(encode_seconds=t1 - t0, score_seconds=t2 - t1, num_images=self.data.num_images,
-               num_captions=self.data.num_captions)
+    out.update(encode_seconds=t1 - t0, score_seconds=t2 - t1, num_images=self.num_images,
+               num_captions=self.num_captions)
     if save_scores and jax.process_index() == 0:
       with epath.Path(save_scores).open("wb") as f:
         np.save(f, _gather(sims))

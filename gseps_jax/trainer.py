@@ -167,16 +167,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  data = pipeline.TrainData(config.data, seed=config.seed,
-                            global_batch_size=config.train.batch_size)
-  steps_per_epoch = max(1, data.steps_per_epoch)
+  data = pipeline.TrainLoader.from_config(config, global_batch_size=config.train.batch_size,
+                                         seed=config.seed)
+  steps_per_epoch = data.steps_per_epoch
   total_steps = steps_per_epoch * config.train.num_epochs
   if config.train.max_steps > 0:
     total_steps = min(total_steps, config.train.max_steps)
 
   mesh = sharding.make_mesh(config.mesh)
   model = models.build_model(config.model)
-  sample = data.sample_batch()
+  sample = sample_batch(config)
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
 
@@ -195,7 +195,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             abstract, state_shardings)
     restored = ckpt.restore(abstract, config)
     if restored is not None:
-      state, meta = restored
+      state, saved_meta = restored
+      data.set_state(saved_meta["data_state"])
       log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
     start_step = int(state.step)
 
@@ -215,11 +216,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t0 = time.time()
     last = {}
     progress = _progress(start_step, total_steps, is_main)
-    batches = data.iterate(start_step=start_step)
     step = start_step
     try:
       for step in range(start_step, total_steps):
-        batch = sharding.global_batch(next(batches), mesh)
+        batch = sharding.global_batch(next(data), mesh)
         state, metrics = step_fn(state, batch, train_rng)
         done = step + 1
         if done % config.train.log_every == 0 or done == total_steps or done == start_step + 1:
@@ -239,7 +239,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           progress.note(f"step {done} {config.train.eval_on} rsum {eval_metrics['rsum']:.1f}")
         if (done % config.checkpoint.every_steps == 0 or eval_metrics is not None or stop or
             ckpt.reached_preemption(done)):
-          ckpt.save(done, state, dict(meta, data_state=data.state(done)),
+          ckpt.save(done, state, dict(meta, data_state=data.get_state()),
                     metrics=eval_metrics and {"rsum": eval_metrics["rsum"]})
         if stop or ckpt.reached_preemption(done):
           log.warning("Stopping at step %d (%s); re-run the same command to resume.", done,
@@ -251,7 +251,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       progress.close()
     final_step = int(state.step)
     if final_step == total_steps and ckpt.latest_step() != final_step:
-      ckpt.save(final_step, state, dict(meta, data_state=data.state(final_step)))
+      ckpt.save(final_step, state, dict(meta, data_state=data.get_state()))
     ckpt.wait()
     results = {"step": final_step, "train": {k: float(v) for k, v in last.items()}}
     if final_step == total_steps or (config.train.max_minutes > 0 and not signals):

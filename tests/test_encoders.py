@@ -141,9 +141,11 @@ def test_dropout_only_in_train_mode(tiny_models, name):
   eval_out = apply({"params": params}, *inputs)  # train=False is the default
   a = apply({"params": params}, *inputs, train=True, rngs={"dropout": _key(0)})
   b = apply({"params": params}, *inputs, train=True, rngs={"dropout": _key(0)})
-  c = apply({"params": params}, *inputs, train=True, rngs={"dropout": _key(1)})
   np.testing.assert_array_equal(a, b)
-  assert np.abs(np.asarray(a - c)).max() > 1e-2
+  # Swin drops whole branches per sample (2 samples x 2 blocks), so two keys may agree by chance.
+  others = [apply({"params": params}, *inputs, train=True, rngs={"dropout": _key(k)})
+            for k in range(1, 5)]
+  assert max(np.abs(np.asarray(a - c)).max() for c in others) > 1e-2
   assert np.abs(np.asarray(a - eval_out)).max() > 1e-2
 
 

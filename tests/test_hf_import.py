@@ -218,7 +218,8 @@ def test_missing_and_unexpected_tensors_listed_together(hf_dirs):
 def test_params_to_state_dict_rejects_wrong_tree(hf_dirs):
   d, _ = hf_dirs["vit"]
   params = state_dict_to_params("vit", VIT_CFG, read_state_dict(d))
-  with pytest.raises(ValueError, match=r"pass variables\['params'\].*missing embeddings/cls_token.*unexpected params/embeddings"):
+  with pytest.raises(ValueError, match=r"pass variables\['params'\].*missing embeddings/"
+                                       r"cls_token.*unexpected params/embeddings"):
     params_to_state_dict("vit", VIT_CFG, {"params": params})
 
 

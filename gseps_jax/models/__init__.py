@@ -12,4 +12,5 @@ def build_model(model_cfg):
   if name not in MODELS:
     raise ValueError(f"config.model.name={name!r} is not a known model; choose one of "
                      f"{sorted(MODELS)}.")
-  return MODELS[name].from_config(model_cfg)
+  cls = MODELS[name]
+  return cls.from_config(model_cfg) if hasattr(cls, "from_config") else cls(config=model_cfg)

@@ -92,7 +92,7 @@ class SelfAttention(nn.Module):
                mask: jax.Array | None = None, train: bool = False) -> jax.Array:
     d = x.shape[-1]
     if d % self.num_heads:
-      raise ValueError(f"hidden size {d} is not a multiple of num_attention_heads {self.num_heads}.")
+      raise ValueError(f"hidden size {d} is not a multiple of {self.num_heads} heads.")
     split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, d // self.num_heads)
     q = split(dense_layer(d, "query", self.dtype, self.qkv_bias)(x))
     k = split(dense_layer(d, "key", self.dtype, self.qkv_bias)(x))

@@ -30,7 +30,7 @@ _TORCH_LN_EPS = 1e-5  # torch.nn.LayerNorm's default, used by HF for the two nor
 
 @functools.lru_cache(maxsize=16)
 def relative_position_index(window: int) -> np.ndarray:
-  """`[w*w, w*w]` index into the `[(2w-1)^2, H]` bias table (HF `_create_relative_position_index`)."""
+  """`[w*w, w*w]` index into the `[(2w-1)^2, H]` relative bias table (as HF builds it)."""
   coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
   rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (window - 1)
   return rel[..., 0] * (2 * window - 1) + rel[..., 1]

@@ -113,7 +113,7 @@ class _ViTEmbeddings(nn.Module):
 
 
 class PatchEmbeddings(nn.Module):
-  """HF `*PatchEmbeddings`: a `projection` conv with kernel = stride = patch, `[B,H,W,C]->[B,h,w,D]`."""
+  """HF `*PatchEmbeddings`: `projection` conv, kernel = stride = patch; `[B,H,W,C] -> [B,h,w,D]`."""
   features: int
   patch_size: tuple[int, int]
   dtype: Dtype

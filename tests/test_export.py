@@ -1,0 +1,382 @@
+"""Export to PyTorch and back (gseps_jax/export.py, gseps_jax/torch_export/gseps_torch.py).
+
+* hf export of tiny GRM and SEPS checkpoints (random, non-trivial params after two AdamW steps):
+  the encoders load with `transformers.*Model.from_pretrained`, the heads with the exported
+  gseps_torch.py, and the PyTorch scores of images x captions equal our `score` to 1e-4 (both
+  SEPS dense modes, parity with the text cut active).
+* official -> ours -> official round trip of an official-layout state dict built from HF torch
+  models (independent of our name tables), bit-exact on every tensor but the HF poolers.
+* Clear errors: nonexistent checkpoint, unknown model type, official export of GRM, state dicts
+  with missing / unexpected / mis-shaped tensors (all listed), and nothing half-written.
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+
+from configs import common, grm_vit, laps_vit, seps_vit
+from gseps_jax import checkpoint as ckpt_lib
+from gseps_jax import export
+from gseps_jax import trainer
+from gseps_jax.data import tokenizer as tok_lib
+
+NI, CPI = 3, 2  # images, captions per image
+ATOL = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures: tiny checkpoints with non-trivial parameters.
+# ----------------------------------------------------------------------------------------------
+def random_params(shapes, seed):
+  """Params of the given tree with values far from any default init (a transposed or misnamed
+  tensor changes the scores): N(0, 0.1) everywhere, LayerNorm-like scales 1 + N(0, 0.1), region
+  prompts N(0, 1)."""
+  rng = np.random.default_rng(seed)
+
+  def one(path, s):
+    name = path[-1].key
+    x = rng.normal(0.0, 0.1, s.shape)
+    if name == "scale":
+      x = 1.0 + x
+    elif name == "prompts":
+      x = rng.normal(0.0, 1.0, s.shape)
+    return np.asarray(x, np.float32)
+
+  return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def make_checkpoint(workdir, config, seed, steps=2):
+  """Random params, then `steps` AdamW updates on random gradients; saved like the trainer does.
+  Returns the saved params (numpy)."""
+  params = random_params(export.abstract_params(config), seed)
+  tx = optax.adamw(1e-2, weight_decay=1e-4)
+  opt_state = tx.init(params)
+  rng = np.random.default_rng(seed + 1)
+  for _ in range(steps):
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(np.asarray, optax.apply_updates(params, updates))
+  state = trainer.TrainState(step=jnp.asarray(steps, jnp.int32), params=params,
+                             opt_state=opt_state)
+  ckpt = ckpt_lib.Checkpointer(workdir, best_metric=None, async_save=False)
+  ckpt.save(steps, state, {"config": config.to_dict(),
+                           "fingerprint": ckpt_lib.fingerprint(config)})
+  ckpt.close()
+  return params
+
+
+def make_inputs(config, seed):
+  """Images [NI, H, W, 3], captions [NI*CPI, L] with varied lengths, dense captions [NI, Ld]
+  (some longer than SEPS's tiny eval_text_cut of 20, so the parity cut matters)."""
+  rng = np.random.default_rng(seed)
+  size = config.data.image_size
+  images = rng.normal(size=(NI, size, size, 3)).astype(np.float32)
+
+  def texts(n, max_len, lengths):
+    ids = rng.integers(1000, 30000, size=(n, max_len)).astype(np.int32)
+    mask = (np.arange(max_len)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    ids[:, 0] = 101
+    ids[np.arange(n), np.asarray(lengths) - 1] = 102
+    return np.where(mask > 0, ids, 0).astype(np.int32), mask
+
+  cap = texts(NI * CPI, config.data.max_len, [5, 16, 9, 3, 12, 7][:NI * CPI])
+  dense = texts(NI, config.data.dense_max_len, [24, 14, 22][:NI])
+  return images, cap, dense
+
+
+def load_torch_module(export_dir):
+  """The gseps_torch.py COPIED INTO the export (not the package's), under a unique name."""
+  name = f"gseps_torch_{abs(hash(str(export_dir)))}"
+  spec = importlib.util.spec_from_file_location(name, export_dir / "gseps_torch.py")
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[name] = mod
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.fixture(scope="module")
+def grm_export(tmp_path_factory):
+  config = grm_vit.get_config("tiny")
+  workdir = tmp_path_factory.mktemp("grm_run")
+  params = make_checkpoint(workdir, config, seed=0)
+  out = export.export_hf(workdir, tmp_path_factory.mktemp("x") / "grm_hf")
+  return config, workdir, params, out
+
+
+@pytest.fixture(scope="module")
+def seps_export(tmp_path_factory):
+  config = seps_vit.get_config("tiny")
+  workdir = tmp_path_factory.mktemp("seps_run")
+  params = make_checkpoint(workdir, config, seed=1)
+  out = export.export(workdir / "checkpoints" / "2", tmp_path_factory.mktemp("x") / "seps_both",
+                      format="both")
+  return config, workdir, params, out
+
+
+def jax_features(config, params, inputs):
+  model = export.build_model(config.model)
+  images, (ids, mask), (dids, dmask) = inputs
+  v = {"params": params}
+  img = model.apply(v, images, method="encode_images")
+  txt = model.apply(v, ids, mask, method="encode_texts")
+  dense = model.apply(v, dids, dmask, method="encode_texts")
+  return model, img, txt, dense
+
+
+def torch_features(tmod, export_dir, inputs):
+  model = tmod.load(str(export_dir))
+  images, (ids, mask), (dids, dmask) = inputs
+  t = lambda a: torch.from_numpy(np.asarray(a, np.int64))
+  with torch.no_grad():
+    img = model.encode_images(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+    txt = model.encode_texts(t(ids), t(mask))
+    dense = model.encode_texts(t(dids), t(dmask))
+  return model, img, txt, dense
+
+
+# ----------------------------------------------------------------------------------------------
+# hf export: score parity with PyTorch.
+# ----------------------------------------------------------------------------------------------
+def test_grm_hf_export_scores_match_pytorch(grm_export):
+  config, _, params, out = grm_export
+  assert sorted(p.name for p in out.iterdir()) == [
+      "README.md", "gseps_torch.py", "heads.safetensors", "metadata.json", "text_encoder",
+      "vision_encoder"]
+  inputs = make_inputs(config, seed=2)
+  model, img, txt, _ = jax_features(config, params, inputs)
+  want = np.asarray(model.apply({"params": params}, img, txt, method="score", chunk=2))
+  # The key level is only a real test if the adapters keep some tokens and drop others.
+  ik, tk = np.asarray(img["key_mask"]), np.asarray(txt["key_mask"])
+  assert 0 < ik.sum() < ik.size and 0 < tk.sum() < np.asarray(txt["ori_mask"]).sum()
+  tmod = load_torch_module(out)
+  tmodel, timg, ttxt, _ = torch_features(tmod, out, inputs)
+  np.testing.assert_array_equal(timg["key_mask"].numpy(), np.asarray(img["key_mask"]))
+  np.testing.assert_array_equal(ttxt["key_mask"].numpy(), np.asarray(txt["key_mask"]))
+  with torch.no_grad():
+    got = tmodel.score(timg, ttxt).numpy()
+    levels = {k: v.numpy() for k, v in tmodel.level_scores(timg, ttxt).items()}
+  ours = model.apply({"params": params}, img, txt, method="level_scores")
+  for k in ("ori", "key", "unc"):
+    np.testing.assert_allclose(levels[k], np.asarray(ours[k]), atol=ATOL, rtol=0)
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  assert want.shape == (NI, NI * CPI) and np.ptp(want) > 1e-3  # scores are not all equal
+
+
+@pytest.mark.parametrize("mode", ["honest", "parity"])
+def test_seps_hf_export_scores_match_pytorch(seps_export, mode):
+  config, _, params, out = seps_export
+  inputs = make_inputs(config, seed=3)
+  model, img, txt, dense = jax_features(config, params, inputs)
+  caption_image = np.arange(NI * CPI) // CPI
+  want = np.asarray(model.apply({"params": params}, img, txt, dense, method="score",
+                                dense_mode=mode, chunk=(2, 4), caption_image=caption_image))
+  tmod = load_torch_module(out)
+  tmodel, timg, ttxt, tdense = torch_features(tmod, out, inputs)
+  with torch.no_grad():
+    got = tmodel.score(timg, ttxt, tdense, dense_mode=mode,
+                       caption_image=torch.from_numpy(caption_image)).numpy()
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  assert np.ptp(want) > 1e-3
+
+
+def test_seps_parity_text_cut_is_exercised(seps_export):
+  """The parity score changes if the torch side ignores the 20-token cut: the test above would
+  catch a missing cut."""
+  config, _, params, out = seps_export
+  inputs = make_inputs(config, seed=3)
+  tmod = load_torch_module(out)
+  tmodel, timg, ttxt, tdense = torch_features(tmod, out, inputs)
+  ci = torch.arange(NI * CPI) // CPI
+  with torch.no_grad():
+    cut = tmodel.score(timg, ttxt, tdense, dense_mode="parity", caption_image=ci)
+    tmodel.meta["heads"]["eval_text_cut"] = 0
+    uncut = tmodel.score(timg, ttxt, tdense, dense_mode="parity", caption_image=ci)
+  assert float((cut - uncut).abs().max()) > 1e-4
+
+
+def test_hf_directories_load_with_transformers(seps_export):
+  config, _, params, out = seps_export
+  vit = transformers.ViTModel.from_pretrained(out / "vision_encoder", add_pooling_layer=False)
+  bert = transformers.BertModel.from_pretrained(out / "text_encoder", add_pooling_layer=False)
+  assert vit.config.hidden_size == config.model.vision.hidden_size
+  assert bert.config.num_hidden_layers == config.model.text.num_hidden_layers
+  # Every HF weight is exactly ours, in PyTorch layout.
+  q = vit.state_dict()["encoder.layer.1.attention.attention.query.weight"].numpy()
+  np.testing.assert_array_equal(
+      q, params["vision_encoder"]["encoder"]["layer_1"]["attention"]["attention"]["query"]
+      ["kernel"].T)
+  # Tokenizer: same ids as our data pipeline's tokenizer; a common word is not [UNK].
+  meta = json.loads((out / "metadata.json").read_text())
+  assert meta["model_type"] == "seps" and meta["dense_mode"] == config.eval.dense_mode
+  assert meta["heads"]["num_aggregated"] == 3 and meta["image_size"] == 64
+  tmod = load_torch_module(out)
+  hf_tok = tmod.load_tokenizer(str(out))
+  texts = ["A man rides a red bicycle past two dogs.", "zebra"]
+  ids, mask = tmod.tokenize(hf_tok, texts, config.data.max_len)
+  ours = tok_lib.load_tokenizer(out / "text_encoder").encode_batch(texts, config.data.max_len)
+  np.testing.assert_array_equal(ids.numpy(), ours[0])
+  np.testing.assert_array_equal(mask.numpy(), ours[1])
+  assert hf_tok.unk_token_id not in ids[0].tolist()
+  auto = transformers.AutoTokenizer.from_pretrained(out / "text_encoder")
+  assert auto.convert_tokens_to_ids(auto.tokenize("man")) == hf_tok.convert_tokens_to_ids(["man"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Official layout.
+# ----------------------------------------------------------------------------------------------
+def official_state_dict(config, seed=0):
+  """A random official-layout SEPS state dict built WITHOUT our name tables: HF torch ViT/BERT
+  state dicts (poolers included, as the official model saves them) under the official prefixes,
+  plus the head tensors with the shapes of the official modules (Linear [out, in], TokenAggregation
+  scale [1, 1, 1], hidden int(0.2 D), N_c = int(num_patches * alpha * rho))."""
+  torch.manual_seed(seed)
+  mc = config.model
+  vit = transformers.ViTModel(transformers.ViTConfig(**mc.vision.to_dict()))
+  bert = transformers.BertModel(transformers.BertConfig(**mc.text.to_dict()))
+  sd = {f"img_enc.visual_encoder.{k}": v for k, v in vit.state_dict().items()}
+  sd.update({f"txt_enc.bert.{k}": v for k, v in bert.state_dict().items()})
+  e = mc.embed_dim
+  hidden = int(e * 0.2)
+  n_c = int((64 // 16) ** 2 * mc.seps.alpha * mc.seps.rho)
+  shapes = {
+      "img_enc.vision_proj.weight": (e, 64), "img_enc.vision_proj.bias": (e,),
+      "txt_enc.fc.weight": (e, 64), "txt_enc.fc.bias": (e,),
+      "cross_net.aggr_net.scale": (1, 1, 1),
+      "cross_net.aggr_net.weight.0.weight": (e,), "cross_net.aggr_net.weight.0.bias": (e,),
+      "cross_net.aggr_net.weight.1.weight": (hidden, e),
+      "cross_net.aggr_net.weight.1.bias": (hidden,),
+      "cross_net.aggr_net.weight.3.weight": (n_c, hidden),
+      "cross_net.aggr_net.weight.3.bias": (n_c,)}
+  sd.update({k: torch.randn(s) for k, s in shapes.items()})
+  return {k: v.clone() for k, v in sd.items()}
+
+
+def save_official(path, sd, epoch=7):
+  opt = argparse.Namespace(**dict(export.OFFICIAL_OPT_DEFAULTS, embed_size=32, num_patches=16))
+  torch.save({"model": sd, "opt": opt, "epoch": epoch, "best_rsum": 123.5, "Eiters": 99}, path)
+
+
+@pytest.mark.parametrize("get_config", [seps_vit.get_config, laps_vit.get_config],
+                         ids=["seps", "laps"])
+def test_official_round_trip_is_bit_exact(tmp_path, get_config):
+  config = get_config("tiny")
+  sd = official_state_dict(config)
+  pth = tmp_path / "model_best.pth"
+  save_official(pth, sd)
+  workdir = export.import_official(pth, config, tmp_path / "imported")
+  # evaluate/train restore it through the trainer's own path (fingerprint checked).
+  _, _, params, step = trainer.restore_params(workdir)
+  assert step == 0
+  _, _, meta = ckpt_lib.load_config_from_checkpoint(workdir)
+  assert meta["official"]["epoch"] == 7 and meta["official"]["best_rsum"] == 123.5
+  np.testing.assert_array_equal(
+      np.asarray(params["cross_net"]["aggr_net"]["fc2"]["kernel"]),
+      sd["cross_net.aggr_net.weight.3.weight"].numpy().T)
+
+  pth2 = export.export_official(workdir, tmp_path / "back")
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    back = torch.load(pth2, map_location="cpu", weights_only=True)
+  assert set(back) == {"model", "opt", "epoch", "best_rsum", "Eiters"}
+  assert back["epoch"] == 7 and back["Eiters"] == 0
+  opt = back["opt"]
+  assert isinstance(opt, argparse.Namespace)
+  assert (opt.embed_size, opt.sparse_ratio, opt.aggr_ratio, opt.vit_type, opt.num_patches) == (
+      32, 0.5, 0.4, "vit", 16)
+  dropped = sorted(set(sd) - set(back["model"]))
+  assert dropped == sorted(k for k in sd if ".pooler." in k) and dropped
+  assert set(back["model"]) <= set(sd)
+  for k, v in back["model"].items():
+    assert v.dtype == sd[k].dtype and v.shape == sd[k].shape, k
+    assert torch.equal(v, sd[k]), k
+
+
+def test_official_import_lists_every_bad_tensor(tmp_path):
+  config = seps_vit.get_config("tiny")
+  sd = official_state_dict(config)
+  del sd["cross_net.aggr_net.weight.1.bias"]
+  del sd["img_enc.visual_encoder.encoder.layer.0.output.dense.bias"]
+  sd["cross_net.extra.weight"] = torch.zeros(3)
+  sd["txt_enc.fc.weight"] = torch.zeros(32, 65)
+  sd["cross_net.aggr_net.weight.3.weight"] = torch.zeros(4, 6)
+  pth = tmp_path / "bad.pth"
+  save_official(pth, sd)
+  with pytest.raises(export.ExportError) as e:
+    export.import_official(pth, config, tmp_path / "out")
+  msg = str(e.value)
+  for name in ("cross_net.aggr_net.weight.1.bias",
+               "img_enc.visual_encoder.encoder.layer.0.output.dense.bias",
+               "cross_net.extra.weight", "txt_enc.fc.weight", "cross_net.aggr_net.weight.3.weight"):
+    assert name in msg, (name, msg)
+  assert "Missing" in msg and "Unexpected" in msg and "shape" in msg
+  assert not (tmp_path / "out").exists()
+  assert [p.name for p in tmp_path.iterdir()] == ["bad.pth"]  # no temp dir left behind
+
+
+def test_official_import_refuses_other_pickles(tmp_path):
+  class Evil:  # an arbitrary class: weights_only loading must refuse it
+    pass
+  pth = tmp_path / "evil.pth"
+  torch.save({"model": {}, "opt": Evil()}, pth)
+  with pytest.raises(export.ExportError, match="trust_pickle"):
+    export.load_official(pth)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors.
+# ----------------------------------------------------------------------------------------------
+def test_nonexistent_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    export.export_hf(tmp_path / "no_such_run", tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_type_is_a_clear_error(tmp_path):
+  config = seps_vit.get_config("tiny")
+  config.model.name = "clip"
+  state = trainer.TrainState(step=jnp.asarray(1, jnp.int32), params={"w": np.zeros(2)},
+                             opt_state=())
+  ckpt = ckpt_lib.Checkpointer(tmp_path / "run", best_metric=None, async_save=False)
+  ckpt.save(1, state, {"config": config.to_dict(), "fingerprint": {}})
+  ckpt.close()
+  for fmt in export.FORMATS:
+    with pytest.raises(export.ExportError, match=r"Unknown model type 'clip'.*grm.*seps"):
+      export.export(tmp_path / "run", tmp_path / "out", format=fmt)
+  assert not (tmp_path / "out").exists()
+
+
+def test_official_export_of_grm_is_an_error(grm_export, tmp_path):
+  _, workdir, _, _ = grm_export
+  for fmt in ("official", "both"):
+    with pytest.raises(export.ExportError, match="SEPS/LAPS only"):
+      export.export(workdir, tmp_path / "out", format=fmt)
+  assert not (tmp_path / "out").exists()
+  with pytest.raises(export.ExportError, match="SEPS/LAPS config"):
+    export.import_official(tmp_path / "x.pth", grm_vit.get_config("tiny"), tmp_path / "out")
+
+
+def test_outputs_are_atomic(tmp_path):
+  out = tmp_path / "out"
+  with pytest.raises(RuntimeError):
+    with export.atomic_dir(out) as tmp:
+      (tmp / "half.bin").write_bytes(b"x")
+      raise RuntimeError("killed mid-write")
+  assert list(tmp_path.iterdir()) == []
+  with export.atomic_dir(out) as tmp:
+    (tmp / "a").write_text("1")
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    with export.atomic_dir(out):
+      pass
+  with export.atomic_dir(out, overwrite=True) as tmp:
+    (tmp / "b").write_text("2")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+  assert sorted(p.name for p in out.iterdir()) == ["b"]
