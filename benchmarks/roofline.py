@@ -153,7 +153,7 @@ def random_batch(config, rng: np.random.Generator, batch: int) -> dict:
 
   def text(length, lo):
     lens = rng.integers(lo, length + 1, size=batch)
-    ids = rng.integers(1000, vocab, size=(batch, length)).astype(np.int32)
+    ids = rng.integers(min(1000, vocab // 2), vocab, size=(batch, length)).astype(np.int32)
     ids[:, 0] = 101
     pos = np.arange(length)[None]
     ids[pos == (lens[:, None] - 1)] = 102

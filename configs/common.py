@@ -98,9 +98,9 @@ def base_config():
   c.train.max_steps = -1  # > 0 caps the run (demo/tests)
   c.train.max_minutes = -1.0  # > 0 stops (with a checkpoint) after this wall-clock budget
   c.train.log_every = 50
-  c.train.eval_every = -1  # steps; -1 = once per epoch
+  c.train.eval_every = -1  # steps; -1 = once per epoch; 0 = never (only the final evaluation)
   c.train.eval_on = "dev"
-  c.train.final_eval_split = "test"
+  c.train.final_eval_split = "test"  # "" = no evaluation at the end of training
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128

@@ -22,7 +22,7 @@ import numpy as np
 from absl import app
 from absl import flags
 from etils import epath
-from jax.experimental.shard_map import shard_map
+from jax import shard_map
 from jax.sharding import PartitionSpec as P
 
 from gseps_jax import metrics as metrics_lib
@@ -133,7 +133,7 @@ class Evaluator:
     def scorer(params, img, txt, dense, caption_image):
       f = shard_map(local, mesh=self.mesh,
                     in_specs=(P(), rows, P(), dense_spec, P()),
-                    out_specs=rows, check_rep=False)
+                    out_specs=rows, check_vma=False)
       return f(params, img, txt, dense, caption_image)
 
     return jax.jit(scorer)

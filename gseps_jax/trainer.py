@@ -207,11 +207,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         in_shardings=(state_shardings, batch_shard, sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,))
-    evaluator = eval_lib.Evaluator(config, model, mesh, split=config.train.eval_on)
+    eval_every = config.train.eval_every if config.train.eval_every >= 0 else steps_per_epoch
+    evaluator = (eval_lib.Evaluator(config, model, mesh, split=config.train.eval_on)
+                 if eval_every > 0 else None)
 
     writer = MetricsWriter(workdir)
     signals = install_signal_handlers()
-    eval_every = config.train.eval_every if config.train.eval_every > 0 else steps_per_epoch
     meta = {"config": config.to_dict(), "fingerprint": ckpt_lib.fingerprint(config)}
     t0 = time.time()
     last = {}
@@ -219,7 +220,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step = start_step
     try:
       for step in range(start_step, total_steps):
-        batch = sharding.global_batch(next(data), mesh)
+        local = next(data)
+        batch = sharding.global_batch(local, mesh)
         state, metrics = step_fn(state, batch, train_rng)
         done = step + 1
         if done % config.train.log_every == 0 or done == total_steps or done == start_step + 1:
@@ -227,13 +229,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
           _check_finite(done, metrics)
           metrics["lr"] = float(head_lr(done - 1))
           metrics["steps_per_s"] = (done - start_step) / (time.time() - t0)
+          # Which images this process fed (cheap identity of the batch, for resume checks).
+          metrics["batch_image_sum"] = float(np.sum(local["image_index"]))
           writer.write(done, metrics, "train/")
           progress.update(done, metrics)
           last = metrics
         stop = bool(signals) or (config.train.max_minutes > 0 and
                                  (time.time() - t0) / 60 > config.train.max_minutes)
         eval_metrics = None
-        if done % eval_every == 0 and done != total_steps and not stop:
+        if evaluator and done % eval_every == 0 and done != total_steps and not stop:
           eval_metrics = evaluator.run(state.params)
           writer.write(done, eval_metrics, f"{config.train.eval_on}/")
           progress.note(f"step {done} {config.train.eval_on} rsum {eval_metrics['rsum']:.1f}")
@@ -254,7 +258,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       ckpt.save(final_step, state, dict(meta, data_state=data.get_state()))
     ckpt.wait()
     results = {"step": final_step, "train": {k: float(v) for k, v in last.items()}}
-    if final_step == total_steps or (config.train.max_minutes > 0 and not signals):
+    if config.train.final_eval_split and (
+        final_step == total_steps or (config.train.max_minutes > 0 and not signals)):
       split = config.train.final_eval_split
       final = eval_lib.Evaluator(config, model, mesh, split=split).run(state.params)
       writer.write(final_step, final, f"{split}/")

@@ -27,6 +27,7 @@ process-local batch into global `jax.Array`s.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import io
 import math
@@ -371,12 +372,14 @@ class _OrderedMap:
     self._prefetch = max(prefetch, num_workers)
     if num_workers > 0:
       # spawn, not fork: the parent may already run JAX threads.
-      ctx = multiprocessing.get_context("spawn")
-      self._pool = ctx.Pool(num_workers, initializer=_worker_init, initargs=(fn,))
+      # ProcessPoolExecutor, not Pool: a dead worker raises BrokenProcessPool instead of hanging.
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+          num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+          initargs=(fn,))
 
   def _submit(self) -> None:
     while len(self._pending) < self._prefetch and (self._stop is None or self._next < self._stop):
-      self._pending.append(self._pool.apply_async(_worker_call, (self._next,)))
+      self._pending.append(self._pool.submit(_worker_call, self._next))
       self._next += 1
 
   def __next__(self) -> Batch:
@@ -388,12 +391,13 @@ class _OrderedMap:
     self._submit()
     if not self._pending:
       raise StopIteration
-    return self._pending.popleft().get()
+    return self._pending.popleft().result()
 
   def close(self) -> None:
     if self._pool is not None:
-      self._pool.terminate()
-      self._pool.join()
+      for f in self._pending:
+        f.cancel()
+      self._pool.shutdown(wait=True, cancel_futures=True)
       self._pool = None
     self._pending.clear()
 
@@ -415,6 +419,7 @@ class TrainLoader:
                global_batch_size: int, seed: int, start_step: int = 0,
                process_index: int | None = None, process_count: int | None = None,
                num_workers: int = 0, prefetch: int = 2):
+    self._it = None
     p, n = process_shard(process_index, process_count)
     self.batches = TrainBatches(source=source, tok=tok, pp=pp,
                                 global_batch_size=int(global_batch_size), seed=int(seed),
@@ -422,7 +427,6 @@ class TrainLoader:
     self.batches.indices(0)  # validates sizes now, not in a worker
     self._num_workers, self._prefetch = int(num_workers), int(prefetch)
     self._step = int(start_step)
-    self._it = None
 
   @classmethod
   def from_config(cls, config, *, global_batch_size: int, seed: int, start_step: int = 0,

@@ -329,23 +329,23 @@ class SyntheticRegions(tfds.core.GeneratorBasedBuilder):
   code_path = epath.Path(__file__)
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial generator."}
-  BUILDER_CONFIGS = [
-      _config(num_train=5000, num_dev=200, num_test=500, image_size=64, seed=0),
-      _config(num_train=5000, num_dev=200, num_test=500, image_size=32, seed=0),
-  ]
+  # No BUILDER_CONFIGS: tfds insists a config named like a predefined one be that very object,
+  # which breaks pickling the data source into worker processes. Every config is custom and its
+  # name encodes the settings.
 
-  @classmethod
-  def make_config(cls, *, num_train: int = 5000, num_dev: int = 200, num_test: int = 500,
+  def __init__(self, *, config: SyntheticConfig | None = None, **kwargs):
+    super().__init__(config=config or self.make_config(), **kwargs)
+
+  @staticmethod
+  def make_config(*, num_train: int = 5000, num_dev: int = 200, num_test: int = 500,
                   image_size: int = 64, seed: int = 0) -> SyntheticConfig:
-    """The predefined config with these values if there is one (tfds requires that), else a new
-    one."""
+    """A config (the default: 5,000 / 200 / 500 images of 64 px, seed 0)."""
     for n, v in (("num_train", num_train), ("num_dev", num_dev), ("num_test", num_test),
                  ("image_size", image_size)):
       if int(v) < 1:
         raise ValueError(f"synthetic_regions {n} must be >= 1, got {v}.")
-    kw = dict(num_train=int(num_train), num_dev=int(num_dev), num_test=int(num_test),
-              image_size=int(image_size), seed=int(seed))
-    return cls.builder_configs.get(config_name(**kw)) or _config(**kw)
+    return _config(num_train=int(num_train), num_dev=int(num_dev), num_test=int(num_test),
+                   image_size=int(image_size), seed=int(seed))
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

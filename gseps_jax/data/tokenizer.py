@@ -95,12 +95,11 @@ class Tokenizer:
     With `rng` and `aug_prob > 0`, each word is masked / replaced / deleted with total probability
     `aug_prob` (see `text_aug.augment_words`).
     """
-    words = self.word_pieces(text)
     if rng is not None and aug_prob > 0:
-      pieces = text_aug.augment_words(words, rng, aug_prob, mask_id=self.mask_id,
-                                      replace_ids=self.replace_ids)
+      pieces = text_aug.augment_words(self.word_pieces(text), rng, aug_prob,
+                                      mask_id=self.mask_id, replace_ids=self.replace_ids)
     else:
-      pieces = [t for w in words for t in w]
+      pieces = self.backend.encode(text, add_special_tokens=False).ids
     return self._finish(pieces, max_len)
 
   def encode_batch(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,56 @@
+"""Runs `trainer.train_and_evaluate` on a tiny config in its own process (for tests that need a
+fresh JAX: fake devices, several processes, signals). Prints `RESULT <json>` at the end.
+
+  python tests/_train_worker.py WORKDIR MODEL '{"train.max_steps": 4}' [--sigterm_at=N] [--nan_at=N]
+
+--sigterm_at=N sends this process a real SIGTERM while step N's batch is being fed (the trainer's
+handler must checkpoint after step N and stop); --nan_at=N feeds a NaN image at step N.
+"""
+
+import json
+import logging
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from gseps_jax import distributed  # pylint: disable=g-import-not-at-top
+
+
+def main():
+  workdir, model, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+  opts = dict(a.lstrip("-").split("=") for a in sys.argv[4:])
+  logging.getLogger().setLevel(logging.INFO)
+  distributed.maybe_initialize()
+  import tiny  # pylint: disable=g-import-not-at-top
+  from gseps_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
+  config = tiny.tiny_config(model, **overrides)
+  tiny.ensure_data(config)
+
+  calls = {"n": 0}
+  real = sharding.global_batch
+
+  def hooked(local, mesh):
+    calls["n"] += 1
+    if calls["n"] == int(opts.get("sigterm_at", -1)):
+      os.kill(os.getpid(), signal.SIGTERM)
+    if calls["n"] == int(opts.get("nan_at", -1)):
+      local = dict(local, image=np.full_like(local["image"], np.nan))
+    return real(local, mesh)
+
+  sharding.global_batch = hooked
+  try:
+    result = trainer.train_and_evaluate(config, workdir)
+  except trainer.NonFiniteLossError as e:
+    result = {"error": str(e)}
+  import jax  # pylint: disable=g-import-not-at-top
+  result["process_index"] = jax.process_index()
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  main()

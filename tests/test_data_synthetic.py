@@ -1,0 +1,139 @@
+"""synthetic_regions: determinism, captions true of the pixels, one-attribute hard negatives,
+idempotent prepare CLI."""
+
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from gseps_jax.data import prepare, synthetic, tokenizer
+
+SIZES = dict(num_train=24, num_dev=4, num_test=7, image_size=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("syn")
+  cfg = {"name": "synthetic_regions", "data_dir": str(data_dir), "synthetic": dict(SIZES)}
+  builder = prepare.ensure_prepared(cfg)
+  return cfg, builder
+
+
+def _src(builder, split):
+  return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _s(x):
+  return x.decode() if isinstance(x, bytes) else x
+
+
+def test_sizes_and_regeneration(built):
+  _, builder = built
+  for split, n in (("train", 24), ("dev", 4), ("test", 7)):
+    src = _src(builder, split)
+    assert len(src) == n
+    for k in range(n):
+      ex = src[k]
+      again = synthetic.generate_example(SIZES["seed"], split, k, 32, num_images=n)
+      assert ex["image"] == again["image"]  # byte-identical: deterministic from the seed
+      assert [_s(c) for c in ex["captions"]] == again["captions"]
+      assert _s(ex["scene"]) == again["scene"]
+      assert ex["hard_negative"] == again["hard_negative"]
+  assert _src(builder, "test")[6]["hard_negative"] == -1  # odd split: last image unpaired
+  # A different seed gives different data.
+  assert synthetic.generate_example(4, "train", 0, 32)["scene"] != _s(_src(builder, "train")[0]
+                                                                       ["scene"])
+
+
+def _nearest_colour(rgb):
+  names = list(synthetic.COLOURS)
+  d = [np.sum((np.array(synthetic.COLOURS[c]) - rgb) ** 2) for c in names]
+  return names[int(np.argmin(d))]
+
+
+def test_captions_match_pixels(built):
+  _, builder = built
+  src = _src(builder, "train")
+  colour_words, shape_words = set(synthetic.COLOURS), set(synthetic.SHAPES)
+  for k in range(len(src)):
+    ex = src[k]
+    scene = json.loads(_s(ex["scene"]))
+    image = np.asarray(Image.open(io.BytesIO(ex["image"])).convert("RGB")).astype(int)
+    for o in scene["objects"]:
+      x, y = synthetic.object_centre(o, 32)
+      assert _nearest_colour(image[int(y), int(x)]) == o["colour"]
+    # Nothing drawn outside the objects: corners (never inside a cell's shape) are background.
+    assert np.abs(image[0, 0] - synthetic.BACKGROUND).max() < 20
+    colours = {o["colour"] for o in scene["objects"]}
+    shapes = {o["shape"] for o in scene["objects"]}
+    captions = [_s(c) for c in ex["captions"]]
+    assert len(set(captions)) == 5
+    for cap in captions:
+      words = set(re.findall(r"[a-z]+", cap))
+      assert words & colour_words <= colours, cap
+      assert {w.rstrip("s") for w in words} & shape_words <= shapes, cap
+    dense = _s(ex["dense_caption"])
+    for o in scene["objects"]:
+      assert (f"{o['size']} {o['colour']} {o['shape']} "
+              f"{synthetic.position_phrase(o['cell'])}") in dense
+    assert f"{synthetic.NUMBERS[len(scene['objects'])]} object" in dense
+
+
+def test_hard_negatives_differ_in_one_attribute(built):
+  _, builder = built
+  src = _src(builder, "train")
+  seen = set()
+  for k in range(0, len(src), 2):
+    a, b = src[k], src[k + 1]
+    assert a["hard_negative"] == k + 1 and b["hard_negative"] == k
+    sa, sb = json.loads(_s(a["scene"]))["objects"], json.loads(_s(b["scene"]))["objects"]
+    attr = _s(b["difference"])
+    seen.add(attr)
+    if attr == "count":
+      assert abs(len(sa) - len(sb)) == 1
+      small, big = sorted((sa, sb), key=len)
+      extra = [o for o in big if o not in small]
+      assert len(extra) == 1 and all(o in big for o in small)
+      # the added/removed object repeats or removes a kind: its (colour, shape) count changes
+    else:
+      assert len(sa) == len(sb)
+      diffs = [(oa, ob) for oa, ob in zip(sa, sb) if oa != ob]
+      assert len(diffs) == 1
+      oa, ob = diffs[0]
+      key = {"colour": "colour", "shape": "shape", "size": "size", "position": "cell"}[attr]
+      changed = [f for f in oa if oa[f] != ob[f]]
+      assert changed == [key]
+    assert a["dense_caption"] != b["dense_caption"]
+    assert a["image"] != b["image"]
+  assert len(seen) >= 3  # several kinds of hard negatives even in 12 pairs
+
+
+def test_vocabulary_is_whole_words():
+  tok = tokenizer.load_tokenizer(tokenizer.installed_minilm_dir())
+  words = (list(synthetic.COLOURS) + list(synthetic.SHAPES) + [s + "s" for s in synthetic.SHAPES]
+           + list(synthetic.SIZES) + [w for p in synthetic.POSITIONS.values() for w in p.split()]
+           + list(synthetic.NUMBERS) + list(synthetic.ORDINALS))
+  for w in words:
+    pieces = tok.word_pieces(w)
+    assert len(pieces) == 1 and len(pieces[0]) == 1 and pieces[0][0] != tok.unk_id, w
+
+
+def test_prepare_cli_idempotent(built, capsys):
+  cfg, builder = built
+  args = [f"--dataset=synthetic_regions", f"--data_dir={cfg['data_dir']}"] + [
+      f"--{k}={v}" for k, v in SIZES.items()]
+  assert prepare.main(args) == 0
+  assert "already prepared" in capsys.readouterr().out
+  assert prepare.main(args[:1] + ["--data_dir=" + cfg["data_dir"], "--num_train=0"]) == 1
+  assert "num_train must be >= 1" in capsys.readouterr().err
+
+
+def test_prepare_command_matches_config(built):
+  cfg, _ = built
+  cmd = prepare.prepare_command(cfg)
+  assert cmd.startswith("python -m gseps_jax.data.prepare --dataset=synthetic_regions")
+  assert "--num_train=24" in cmd and "--image_size=32" in cmd and "--seed=3" in cmd
