@@ -1,8 +1,10 @@
 """Smoke test of benchmarks/roofline.py's cost-analysis path at tiny sizes (no timing).
 
 Checks that XLA's FLOP counts are positive and scale with the batch as the formulas say: the
-pair-grid kernel is quadratic in the batch (every image x every caption), a train step of a tiny
-model grows with the batch, and the official-loop FLOP formula matches a hand count.
+pair-grid kernel is quadratic in the batch (every image x every caption), tile x tile-count equals
+the untiled grid (the method used for COCO-5K), and the official-loop FLOP formula matches a hand
+count. (Train-step lowering is left to the benchmark itself: even a tiny GRM step takes 30-150 s
+to compile on this shared CPU.)
 """
 
 import os
@@ -35,28 +37,17 @@ def test_kernel_flops_quadratic_in_batch():
   assert c8["flops"] >= 2 * 8 * 8 * 6 * 4 * 8
 
 
-@pytest.fixture(scope="module")
-def tiny_train_costs():
-  vision, text = roofline.reduced_encoders(width=32, layers=1, image_size=32, heads=2)
-  text = dict(text, vocab_size=128, max_position_embeddings=32)
-  out = {}
-  for b in (4, 8):
-    cfg = roofline.train_config("grm", vision, text, batch=b, cap_len=8, dense_len=8)
-    cfg.model.embed_dim = 16
-    cfg.model.grm.phi_width = 8
-    cfg.model.grm.num_regions = 2
-    out[b] = roofline.train_step_cost(cfg)
-  return out
-
-
-def test_train_step_flops_grow_with_batch(tiny_train_costs):
-  c4, c8 = tiny_train_costs[4], tiny_train_costs[8]
-  assert c4["flops"] > 0 and c4["params"] > 0
-  # Encoders are linear in B, the in-batch kernel quadratic, the optimizer constant: the ratio
-  # must lie strictly between "optimizer only" (1) and "kernel only" (4), and above linear-minus
-  # the constant part.
-  ratio = c8["flops"] / c4["flops"]
-  assert 1.5 < ratio < 4.0, ratio
+def test_tiled_scoring_cost_is_tile_times_count():
+  """roofline lowers one pair tile and multiplies by the tile count (XLA counts a loop body once):
+  the product must agree with lowering the whole grid untiled, and grow 4x when both sides
+  double."""
+  whole = roofline.grm_scoring_cost(8, 16, tile=(8, 16))
+  tiled = roofline.grm_scoring_cost(8, 16, tile=(4, 8))
+  small = roofline.grm_scoring_cost(4, 8, tile=(4, 8))
+  assert tiled["n_tiles"] == 4 and whole["n_tiles"] == 1
+  assert whole["flops"] > 0
+  np.testing.assert_allclose(tiled["flops"], whole["flops"], rtol=0.05)
+  assert 3.5 < whole["flops"] / small["flops"] < 4.5
 
 
 def test_official_pair_flops_hand_count():

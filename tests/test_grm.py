@@ -46,9 +46,9 @@ def adapter():
   valid[2, 1:] = False
   valid[4] = False  # an all-padding item
   sa = grm_lib.SaliencyAdapter(tau=0.7, hard=True)
-  params = sa.init(jax.random.key(0), tokens, valid, train=False)["params"]
-  apply = jax.jit(functools.partial(sa.apply, train=False))
-  apply_train = jax.jit(lambda p, t, v, k: sa.apply({"params": p}, t, v, train=True,
+  params = fast_jit(lambda: sa.init(jax.random.key(0), tokens, valid, train=False)["params"])()
+  apply = fast_jit(functools.partial(sa.apply, train=False))
+  apply_train = fast_jit(lambda p, t, v, k: sa.apply({"params": p}, t, v, train=True,
                                                     rngs={"gumbel": k}))
   return dict(sa=sa, tokens=tokens, valid=jnp.asarray(valid), params=params, apply=apply,
               apply_train=apply_train)
@@ -99,7 +99,7 @@ def test_adapter_training_straight_through(adapter):
     out = adapter["sa"].apply({"params": p}, tokens, valid, train=True, rngs={"gumbel": key})
     return jnp.sum(out["mask"] * w), out
 
-  (_, out), g = jax.jit(jax.value_and_grad(f, has_aux=True))(adapter["params"],
+  (_, out), g = fast_jit(jax.value_and_grad(f, has_aux=True))(adapter["params"],
                                                               jax.random.key(2))
   mask = np.asarray(out["mask"])
   np.testing.assert_allclose(mask, np.asarray(out["keep"], np.float32), atol=1e-6)  # hard fwd
@@ -119,8 +119,8 @@ def test_region_prompts_match_numpy():
   keep = jnp.asarray(rng.random((2, 6)) < 0.7).at[:, 0].set(True)
   for kwargs in (dict(), dict(normalize_tokens=True, learn_scale=True, init_scale=5.0)):
     mod = grm_lib.RegionPrompts(num_regions=3, **kwargs)
-    params = mod.init(jax.random.key(0), tokens, keep)["params"]
-    attn, means, stats = mod.apply({"params": params}, tokens, keep)
+    params = fast_jit(lambda: mod.init(jax.random.key(0), tokens, keep)["params"])()
+    attn, means, stats = fast_jit(mod.apply)({"params": params}, tokens, keep)
     p = np.asarray(params["prompts"], np.float64)
     p = p / np.linalg.norm(p, axis=1, keepdims=True)
     v = np.asarray(tokens, np.float64)
@@ -154,7 +154,7 @@ def test_cheap_sampler_matches_per_token_form_in_distribution():
   logvar = jnp.asarray(np.log([[[0.5, 1.0, 2.0], [1.5, 0.3, 1.0]]]), jnp.float32)
   n = 20000
   keys = jax.random.split(jax.random.key(0), n)
-  draw = lambda f: np.asarray(jax.jit(jax.vmap(lambda k: f(means, logvar, attn, k)[0]))(keys),
+  draw = lambda f: np.asarray(fast_jit(jax.vmap(lambda k: f(means, logvar, attn, k)[0]))(keys),
                               np.float64)  # [n, K, D]
   cheap = draw(grm_lib.sample_regions)
   per_token = draw(grm_lib.sample_regions_per_token)
@@ -175,13 +175,13 @@ def test_uncertainty_eval_is_the_mean_and_logvar_is_clipped():
   mu = 100.0 * jax.random.normal(jax.random.key(0), (2, 3, 8))
   attn = jnp.full((2, 4, 3), 0.25)
   mod = grm_lib.RegionUncertainty(hidden=8, logvar_min=-1.0, logvar_max=0.5)
-  params = mod.init(jax.random.key(1), mu, attn, train=False)["params"]
-  u, logvar = mod.apply({"params": params}, mu, attn, train=False)
+  params = fast_jit(lambda: mod.init(jax.random.key(1), mu, attn, train=False)["params"])()
+  u, logvar = fast_jit(functools.partial(mod.apply, train=False))({"params": params}, mu, attn)
   np.testing.assert_array_equal(np.asarray(u), np.asarray(mu))
   assert float(logvar.min()) >= -1.0 and float(logvar.max()) <= 0.5
   assert float(logvar.min()) == -1.0 and float(logvar.max()) == 0.5  # large inputs hit the clip
-  u_train, _ = mod.apply({"params": params}, mu, attn, train=True,
-                         rngs={"noise": jax.random.key(2)})
+  u_train, _ = fast_jit(lambda p: mod.apply({"params": p}, mu, attn, train=True,
+                                            rngs={"noise": jax.random.key(2)}))(params)
   assert float(jnp.abs(u_train - mu).max()) > 0
 
 

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from gseps_jax.models import similarity
-from gseps_jax.models.similarity import token_similarity
+
+# XLA's cheap CPU code generation for the test compiles (they dominate this file's time; the
+# values are the same). Only a top-level jit takes compiler options.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+token_similarity = jax.jit(similarity.token_similarity,
+                           static_argnames=("direction", "chunk", "compute_dtype", "precision"),
+                           compiler_options=FAST)
 
 
 def numpy_reference(x, xm, y, ym, direction):
@@ -80,7 +86,7 @@ def test_gradients_match_finite_differences():
   with jax.enable_x64(True):
     x64, y64 = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
     for chunk in (None, 2):
-      f = lambda a, b: token_similarity(a, xm, b, ym, direction="both", chunk=chunk)
+      f = lambda a, b: similarity.token_similarity(a, xm, b, ym, direction="both", chunk=chunk)
       assert f(x64, y64).dtype == jnp.float64
       check_grads(f, (x64, y64), order=1, modes=("rev",), eps=1e-6, atol=1e-5, rtol=1e-5)
 
@@ -88,8 +94,9 @@ def test_gradients_match_finite_differences():
 def test_gradient_is_finite_with_zero_padding_and_tiling_agrees():
   x, xm, y, ym = ragged(2)
   x = np.where(xm[..., None], x, 0.0)  # all-zero padding vectors: x/(|x|+eps) would give NaN
-  grads = [np.asarray(jax.grad(lambda a: token_similarity(a, xm, y, ym, chunk=c).sum())(
-      jnp.asarray(x))) for c in (None, (3, 2))]
+  grads = [np.asarray(jax.jit(jax.grad(
+      lambda a: similarity.token_similarity(a, xm, y, ym, chunk=c).sum()),
+      compiler_options=FAST)(jnp.asarray(x))) for c in (None, (3, 2))]
   np.testing.assert_allclose(grads[0], grads[1], atol=1e-6)  # the tiled backward is the same
   gx = grads[1]
   assert np.isfinite(gx).all()
@@ -112,11 +119,12 @@ def test_tiling_bounds_memory():
   """Compiled temp memory of a tiled call is far below one full [Bx,By,Lx,Ly] block."""
   x, m = jnp.ones((32, 40, 16)), jnp.ones((32, 40), bool)
   full_block = 32 * 32 * 40 * 40 * 4
-  temp = lambda c: token_similarity.lower(x, m, x, m, chunk=c).compile().memory_analysis(
+  kernel = similarity.token_similarity  # default compiler options: what users get
+  temp = lambda c: kernel.lower(x, m, x, m, chunk=c).compile().memory_analysis(
   ).temp_size_in_bytes
   assert temp(None) >= full_block  # the untiled kernel does hold the whole block
   assert temp(4) < full_block / 8  # tiles of 4x4 pairs: 1/64 of it (plus small buffers)
-  grad_temp = jax.jit(jax.grad(lambda a: token_similarity(a, m, x, m, chunk=4).sum())).lower(
+  grad_temp = jax.jit(jax.grad(lambda a: kernel(a, m, x, m, chunk=4).sum())).lower(
       x).compile().memory_analysis().temp_size_in_bytes
   assert grad_temp < full_block / 8  # the backward is tiled too (checkpointed tiles)
 
