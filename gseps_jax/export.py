@@ -451,6 +451,14 @@ def require_official(config) -> None:
                       f"layout is the SEPS code's); this checkpoint is {name!r}: use --format=hf.")
 
 
+def _require_official_checkpoint(checkpoint) -> None:
+  """`require_official` on the checkpoint's saved config, before any array is read."""
+  if not os.path.exists(os.fspath(checkpoint)):
+    raise FileNotFoundError(f"Checkpoint path {checkpoint} does not exist; pass a training "
+                            f"workdir or WORKDIR/checkpoints/STEP.")
+  require_official(ckpt_lib.load_config_from_checkpoint(checkpoint)[0])
+
+
 def official_checkpoint(config, params: Mapping, step: int, meta: Optional[dict] = None) -> dict:
   """(config, params) -> the official checkpoint dict (torch tensors)."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -486,8 +494,8 @@ def write_official(config, params: Mapping, step: int, out_dir, meta=None) -> Pa
 
 def export_official(checkpoint, out, *, overwrite: bool = False) -> Path:
   """Checkpoint (SEPS/LAPS) -> `out/model_best.pth` in the official layout. Returns the .pth."""
+  _require_official_checkpoint(checkpoint)
   config, params, step, meta = restore(checkpoint)
-  require_official(config)
   with atomic_dir(out, overwrite) as tmp:
     write_official(config, params, step, tmp, meta)
   return Path(out) / OFFICIAL_FILE
@@ -502,8 +510,8 @@ def export(checkpoint, out, *, format: str = "hf", overwrite: bool = False,  # p
     return export_hf(checkpoint, out, overwrite=overwrite, tokenizer_dir=tokenizer_dir)
   if format == "official":
     return export_official(checkpoint, out, overwrite=overwrite).parent
+  _require_official_checkpoint(checkpoint)
   config, params, step, meta = restore(checkpoint)
-  require_official(config)
   with atomic_dir(out, overwrite) as tmp:
     write_official(config, params, step, tmp, meta)
     write_hf(config, params, step, tmp, tokenizer_dir=tokenizer_dir)
@@ -586,8 +594,9 @@ def import_official(pth, config, out, *, overwrite: bool = False,
   check_params(params, abstract_params(config), f"Imported {pth}")
   tx, _, _ = optim.make_optimizer(config.optim, 1, params)
   params = jax.tree.map(jnp.asarray, params)
+  # One jitted init instead of op-by-op dispatch over every leaf.
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params))
+                             opt_state=jax.jit(tx.init)(params))
   meta = {"config": config.to_dict(), "fingerprint": ckpt_lib.fingerprint(config),
           "official": dict(_extras_summary(extras), source=os.path.abspath(os.fspath(pth)))}
   with atomic_dir(out, overwrite) as tmp:
@@ -621,6 +630,14 @@ def _define_flags():
 
 
 def main(argv):
+  """Runs `_run`; expected failures (bad paths, mismatched state dicts) print one clear line."""
+  try:
+    _run(argv)
+  except (FileNotFoundError, FileExistsError, ExportError, ckpt_lib.CheckpointMismatchError) as e:
+    raise SystemExit(f"export: error: {e}") from e
+
+
+def _run(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -67,6 +67,16 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, steps_per_ep
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def jit_train_step(config, model, tx, mesh, state_shardings, steps_per_epoch):
+  """`train_step` compiled once with in/out shardings and the state donated."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, config=config,
+                        steps_per_epoch=steps_per_epoch),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+
 def _abstract_and_shardings(init_fn, mesh, config):
   abstract = jax.eval_shape(init_fn)
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules, config.fsdp_min_size)
@@ -200,13 +210,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
     start_step = int(state.step)
 
-    batch_shard = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, config=config,
-                          steps_per_epoch=steps_per_epoch),
-        in_shardings=(state_shardings, batch_shard, sharding.replicated(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,))
+    step_fn = jit_train_step(config, model, tx, mesh, state_shardings, steps_per_epoch)
     eval_every = config.train.eval_every if config.train.eval_every >= 0 else steps_per_epoch
     evaluator = (eval_lib.Evaluator(config, model, mesh, split=config.train.eval_on)
                  if eval_every > 0 else None)
@@ -224,7 +228,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
         batch = sharding.global_batch(local, mesh)
         state, metrics = step_fn(state, batch, train_rng)
         done = step + 1
-        if done % config.train.log_every == 0 or done == total_steps or done == start_step + 1:
+        stop = bool(signals) or (config.train.max_minutes > 0 and
+                                 (time.time() - t0) / 60 > config.train.max_minutes)
+        evaluate_now = (evaluator is not None and done % eval_every == 0 and
+                        done != total_steps and not stop)
+        save_now = (done % config.checkpoint.every_steps == 0 or evaluate_now or stop or
+                    ckpt.reached_preemption(done))
+        if (done % config.train.log_every == 0 or done == total_steps or
+            done == start_step + 1 or save_now):
+          # Never checkpoint a state whose loss is not finite.
           metrics = jax.device_get(metrics)
           _check_finite(done, metrics)
           metrics["lr"] = float(head_lr(done - 1))
@@ -234,25 +246,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
           writer.write(done, metrics, "train/")
           progress.update(done, metrics)
           last = metrics
-        stop = bool(signals) or (config.train.max_minutes > 0 and
-                                 (time.time() - t0) / 60 > config.train.max_minutes)
         eval_metrics = None
-        if evaluator and done % eval_every == 0 and done != total_steps and not stop:
+        if evaluate_now:
           eval_metrics = evaluator.run(state.params)
           writer.write(done, eval_metrics, f"{config.train.eval_on}/")
           progress.note(f"step {done} {config.train.eval_on} rsum {eval_metrics['rsum']:.1f}")
-        if (done % config.checkpoint.every_steps == 0 or eval_metrics is not None or stop or
-            ckpt.reached_preemption(done)):
+        if save_now:
           ckpt.save(done, state, dict(meta, data_state=data.get_state()),
                     metrics=eval_metrics and {"rsum": eval_metrics["rsum"]})
         if stop or ckpt.reached_preemption(done):
           log.warning("Stopping at step %d (%s); re-run the same command to resume.", done,
                       "signal" if signals else "time budget")
           break
-      else:
-        done = total_steps
     finally:
       progress.close()
+      ckpt.wait()  # finish in-flight saves even when stopping on an error
     final_step = int(state.step)
     if final_step == total_steps and ckpt.latest_step() != final_step:
       ckpt.save(final_step, state, dict(meta, data_state=data.get_state()))

@@ -113,25 +113,6 @@ def load_torch_module(export_dir):
   return mod
 
 
-@pytest.fixture(scope="module")
-def grm_export(tmp_path_factory):
-  config = grm_vit.get_config("tiny")
-  workdir = tmp_path_factory.mktemp("grm_run")
-  params = make_checkpoint(workdir, config, seed=0)
-  out = export.export_hf(workdir, tmp_path_factory.mktemp("x") / "grm_hf")
-  return config, workdir, params, out
-
-
-@pytest.fixture(scope="module")
-def seps_export(tmp_path_factory):
-  config = seps_vit.get_config("tiny")
-  workdir = tmp_path_factory.mktemp("seps_run")
-  params = make_checkpoint(workdir, config, seed=1)
-  out = export.export(workdir / "checkpoints" / "2", tmp_path_factory.mktemp("x") / "seps_both",
-                      format="both")
-  return config, workdir, params, out
-
-
 def jax_features(config, params, inputs):
   """Our features of `inputs` (jitted: one compile beats op-by-op dispatch of a whole encoder)."""
   model = export.build_model(config.model)
@@ -139,102 +120,118 @@ def jax_features(config, params, inputs):
   v = {"params": params}
   enc_img = jax.jit(functools.partial(model.apply, method="encode_images"))
   enc_txt = jax.jit(functools.partial(model.apply, method="encode_texts"))
-  img = enc_img(v, images)
-  txt = enc_txt(v, ids, mask)
-  dense = enc_txt(v, dids, dmask)
-  return model, img, txt, dense
+  return model, enc_img(v, images), enc_txt(v, ids, mask), enc_txt(v, dids, dmask)
 
 
-def torch_features(tmod, export_dir, inputs):
-  model = tmod.load(str(export_dir))
+def torch_features(model, inputs):
   images, (ids, mask), (dids, dmask) = inputs
   t = lambda a: torch.from_numpy(np.asarray(a, np.int64))
   with torch.no_grad():
     img = model.encode_images(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
-    txt = model.encode_texts(t(ids), t(mask))
-    dense = model.encode_texts(t(dids), t(dmask))
-  return model, img, txt, dense
+    return img, model.encode_texts(t(ids), t(mask)), model.encode_texts(t(dids), t(dmask))
+
+
+class Exported:
+  """One tiny checkpoint, its export, and both sides' features of the same inputs."""
+
+  def __init__(self, tmp_path_factory, config, seed, fmt):
+    self.config = config
+    self.workdir = tmp_path_factory.mktemp(f"{config.model.name}_run")
+    self.params = make_checkpoint(self.workdir, config, seed=seed)
+    self.out = export.export(self.workdir / "checkpoints" / "2",
+                             tmp_path_factory.mktemp("x") / f"{config.model.name}_{fmt}",
+                             format=fmt)
+    self.inputs = make_inputs(config, seed=seed + 10)
+    self.model, self.img, self.txt, self.dense = jax_features(config, self.params, self.inputs)
+    self.tmod = load_torch_module(self.out)
+    self.tmodel = self.tmod.load(str(self.out))
+    self.timg, self.ttxt, self.tdense = torch_features(self.tmodel, self.inputs)
+
+    self._score = jax.jit(functools.partial(self.model.apply, method="score"),
+                          static_argnames=("dense_mode", "chunk"))
+
+  def jax_score(self, **kw):
+    return np.asarray(self._score({"params": self.params}, self.img, self.txt, self.dense, **kw))
+
+
+@pytest.fixture(scope="module")
+def grm(tmp_path_factory):
+  return Exported(tmp_path_factory, grm_vit.get_config("tiny"), seed=0, fmt="hf")
+
+
+@pytest.fixture(scope="module")
+def seps(tmp_path_factory):
+  return Exported(tmp_path_factory, seps_vit.get_config("tiny"), seed=1, fmt="both")
 
 
 # ----------------------------------------------------------------------------------------------
 # hf export: score parity with PyTorch.
 # ----------------------------------------------------------------------------------------------
-def test_grm_hf_export_scores_match_pytorch(grm_export):
-  config, _, params, out = grm_export
-  assert sorted(p.name for p in out.iterdir()) == [
+def test_grm_hf_export_scores_match_pytorch(grm):
+  assert sorted(p.name for p in grm.out.iterdir()) == [
       "README.md", "gseps_torch.py", "heads.safetensors", "metadata.json", "text_encoder",
       "vision_encoder"]
-  inputs = make_inputs(config, seed=2)
-  model, img, txt, _ = jax_features(config, params, inputs)
-  want = np.asarray(model.apply({"params": params}, img, txt, method="score", chunk=2))
+  img, txt = grm.img, grm.txt
   # The key level is only a real test if the adapters keep some tokens and drop others.
   ik, tk = np.asarray(img["key_mask"]), np.asarray(txt["key_mask"])
   assert 0 < ik.sum() < ik.size and 0 < tk.sum() < np.asarray(txt["ori_mask"]).sum()
-  tmod = load_torch_module(out)
-  tmodel, timg, ttxt, _ = torch_features(tmod, out, inputs)
-  np.testing.assert_array_equal(timg["key_mask"].numpy(), np.asarray(img["key_mask"]))
-  np.testing.assert_array_equal(ttxt["key_mask"].numpy(), np.asarray(txt["key_mask"]))
+  np.testing.assert_array_equal(grm.timg["key_mask"].numpy(), ik)
+  np.testing.assert_array_equal(grm.ttxt["key_mask"].numpy(), tk)
   with torch.no_grad():
-    got = tmodel.score(timg, ttxt).numpy()
-    levels = {k: v.numpy() for k, v in tmodel.level_scores(timg, ttxt).items()}
-  ours = model.apply({"params": params}, img, txt, method="level_scores")
+    got = grm.tmodel.score(grm.timg, grm.ttxt).numpy()
+    levels = {k: v.numpy() for k, v in grm.tmodel.level_scores(grm.timg, grm.ttxt).items()}
+  ours = grm.model.apply({"params": grm.params}, img, txt, method="level_scores")
   for k in ("ori", "key", "unc"):
     np.testing.assert_allclose(levels[k], np.asarray(ours[k]), atol=ATOL, rtol=0)
+  want = grm.jax_score(chunk=2)
   np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
   assert want.shape == (NI, NI * CPI) and np.ptp(want) > 1e-3  # scores are not all equal
 
 
 @pytest.mark.parametrize("mode", ["honest", "parity"])
-def test_seps_hf_export_scores_match_pytorch(seps_export, mode):
-  config, _, params, out = seps_export
-  inputs = make_inputs(config, seed=3)
-  model, img, txt, dense = jax_features(config, params, inputs)
+def test_seps_hf_export_scores_match_pytorch(seps, mode):
   caption_image = np.arange(NI * CPI) // CPI
-  want = np.asarray(model.apply({"params": params}, img, txt, dense, method="score",
-                                dense_mode=mode, chunk=(2, 4), caption_image=caption_image))
-  tmod = load_torch_module(out)
-  tmodel, timg, ttxt, tdense = torch_features(tmod, out, inputs)
+  want = seps.jax_score(dense_mode=mode, chunk=None, caption_image=caption_image)
   with torch.no_grad():
-    got = tmodel.score(timg, ttxt, tdense, dense_mode=mode,
-                       caption_image=torch.from_numpy(caption_image)).numpy()
+    got = seps.tmodel.score(seps.timg, seps.ttxt, seps.tdense, dense_mode=mode,
+                            caption_image=torch.from_numpy(caption_image)).numpy()
   np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-  assert np.ptp(want) > 1e-3
+  assert want.shape == (NI, NI * CPI) and np.ptp(want) > 1e-3
 
 
-def test_seps_parity_text_cut_is_exercised(seps_export):
-  """The parity score changes if the torch side ignores the 20-token cut: the test above would
-  catch a missing cut."""
-  config, _, params, out = seps_export
-  inputs = make_inputs(config, seed=3)
-  tmod = load_torch_module(out)
-  tmodel, timg, ttxt, tdense = torch_features(tmod, out, inputs)
+def test_seps_parity_text_cut_is_exercised(seps):
+  """Ignoring the 20-token parity cut changes the scores, so the parity test above checks it."""
   ci = torch.arange(NI * CPI) // CPI
+  heads = seps.tmodel.meta["heads"]
   with torch.no_grad():
-    cut = tmodel.score(timg, ttxt, tdense, dense_mode="parity", caption_image=ci)
-    tmodel.meta["heads"]["eval_text_cut"] = 0
-    uncut = tmodel.score(timg, ttxt, tdense, dense_mode="parity", caption_image=ci)
+    cut = seps.tmodel.score(seps.timg, seps.ttxt, seps.tdense, dense_mode="parity",
+                            caption_image=ci)
+    saved, heads["eval_text_cut"] = heads["eval_text_cut"], 0
+    try:
+      uncut = seps.tmodel.score(seps.timg, seps.ttxt, seps.tdense, dense_mode="parity",
+                                caption_image=ci)
+    finally:
+      heads["eval_text_cut"] = saved
   assert float((cut - uncut).abs().max()) > 1e-4
 
 
-def test_hf_directories_load_with_transformers(seps_export):
-  config, _, params, out = seps_export
-  vit = transformers.ViTModel.from_pretrained(out / "vision_encoder", add_pooling_layer=False)
-  bert = transformers.BertModel.from_pretrained(out / "text_encoder", add_pooling_layer=False)
-  assert vit.config.hidden_size == config.model.vision.hidden_size
-  assert bert.config.num_hidden_layers == config.model.text.num_hidden_layers
-  # Every saved tensor is consumed and every weight is found (no fresh init but the poolers).
-  for cls, sub in ((transformers.ViTModel, "vision_encoder"),
-                   (transformers.BertModel, "text_encoder")):
-    _, info = cls.from_pretrained(out / sub, add_pooling_layer=False, output_loading_info=True)
+def test_hf_directories_load_with_transformers(seps):
+  config, out = seps.config, seps.out
+  assert (out / export.OFFICIAL_FILE).is_file()  # format=both
+  # Every saved tensor is consumed and every weight is found (nothing freshly initialised).
+  for cls, sub, cfg in ((transformers.ViTModel, "vision_encoder", config.model.vision),
+                        (transformers.BertModel, "text_encoder", config.model.text)):
+    m, info = cls.from_pretrained(out / sub, add_pooling_layer=False, output_loading_info=True)
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-  # Tokenizer: same ids as our data pipeline's tokenizer; a common word is not [UNK].
+    assert m.config.hidden_size == cfg.hidden_size
+    assert m.config.num_hidden_layers == cfg.num_hidden_layers
   meta = json.loads((out / "metadata.json").read_text())
   assert meta["model_type"] == "seps" and meta["dense_mode"] == config.eval.dense_mode
-  assert meta["heads"]["num_aggregated"] == 3 and meta["image_size"] == 64
-  tmod = load_torch_module(out)
-  hf_tok = tmod.load_tokenizer(str(out))
+  assert meta["heads"]["num_aggregated"] == 3 and meta["image_size"] == 64 and meta["step"] == 2
+  # Tokenizer: same ids as our data pipeline's tokenizer; a common word is not [UNK].
+  hf_tok = seps.tmod.load_tokenizer(str(out))
   texts = ["A man rides a red bicycle past two dogs.", "zebra"]
-  ids, mask = tmod.tokenize(hf_tok, texts, config.data.max_len)
+  ids, mask = seps.tmod.tokenize(hf_tok, texts, config.data.max_len)
   ours = tok_lib.load_tokenizer(out / "text_encoder").encode_batch(texts, config.data.max_len)
   np.testing.assert_array_equal(ids.numpy(), ours[0])
   np.testing.assert_array_equal(mask.numpy(), ours[1])
@@ -341,11 +338,13 @@ def test_official_import_lists_every_bad_tensor(tmp_path):
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp dir left
 
 
+class NotAllowed:
+  """An arbitrary class: loading it needs unrestricted unpickling."""
+
+
 def test_official_import_refuses_other_pickles(tmp_path):
-  class Evil:  # an arbitrary class: weights_only loading must refuse it
-    pass
   pth = tmp_path / "evil.pth"
-  torch.save({"model": {}, "opt": Evil()}, pth)
+  torch.save({"model": {}, "opt": NotAllowed()}, pth)
   with pytest.raises(export.ExportError, match="trust_pickle"):
     export.load_official(pth)
 
@@ -373,8 +372,8 @@ def test_unknown_model_type_is_a_clear_error(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
-def test_official_export_of_grm_is_an_error(grm_export, tmp_path):
-  _, workdir, _, _ = grm_export
+def test_official_export_of_grm_is_an_error(grm, tmp_path):
+  workdir = grm.workdir
   for fmt in ("official", "both"):
     with pytest.raises(export.ExportError, match="SEPS/LAPS only"):
       export.export(workdir, tmp_path / "out", format=fmt)

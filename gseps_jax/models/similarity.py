@@ -61,7 +61,7 @@ def _masked_max_mean(s, max_mask, mean_mask, max_axis):
   """Masked max of `s` over `max_axis`, then masked mean over the remaining token axis.
 
   Args:
-    s: `[cx, cy, Lx, Ly]` float32 cosines.
+    s: `[cx, cy, Lx, Ly]` cosines (float32, or float64 for float64 inputs).
     max_mask: boolean, broadcastable to `s`: tokens allowed to win the max.
     mean_mask: boolean `[cx or 1, cy or 1, L]` (L = the axis left after the max).
     max_axis: 2 (max over x tokens) or 3 (max over y tokens).
@@ -86,10 +86,11 @@ def _tile_scores(xt, xm, yt, ym, *, direction, precision, acc_dtype):
     ym: `[cy, Ly]` bool.
 
   Returns:
-    `[cx, cy]` float32.
+    `[cx, cy]` in `acc_dtype`.
   """
-  # fp32 accumulation whatever the input dtype; XLA fuses the masked max into the consumer of
-  # the dot output, so only the [cx, cy, Lx, Ly] block of this tile exists at once.
+  # fp32 accumulation whatever the input dtype. The [cx, cy, Lx, Ly] block of this tile is the
+  # largest intermediate (XLA on CPU keeps ~3 such buffers: the dot output and the two masked
+  # reductions' inputs; see docs/benchmarks.md).
   s = jnp.einsum("ild,jmd->ijlm", xt, yt, precision=precision,
                  preferred_element_type=acc_dtype)
   xm4 = xm[:, None, :, None]  # [cx, 1, Lx, 1]
