@@ -81,8 +81,24 @@ def apply_variants(c, flags, kv):
     c.model.freeze_text = True
     c.model.embed_dim = 256
     c.model.grm.num_regions = 4
+    c.data.max_len = 16  # generated captions are short; halves the frozen MiniLM's cost
+    c.data.text_aug_prob = 0.0
+    # The ViT is trained from scratch: full lr for it; only the frozen text tower is "backbone".
+    c.optim.backbone_patterns = (r"^text_encoder/",)
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.decay_epochs = ()
     c.train.batch_size = 64
-    c.eval.protocol = "synthetic"
+    c.train.num_epochs = 100
+    c.train.max_steps = 2000
+    c.train.max_minutes = 7.0  # stops (with a checkpoint) and evaluates when the budget is spent
+    c.train.log_every = 25
+    c.train.eval_every = 0
+    c.checkpoint.every_steps = 250
+    c.eval.batch_size = 100
+    c.eval.chunk = 100
+    c.data.data_dir = "data_cache/tfds"
+    c.eval.protocol = "full"
     flags = flags | {"infonce"}
   if "infonce" in flags:
     c.loss.kind = "infonce"

@@ -5,7 +5,7 @@ image x caption pairs on device with the model's tiled scorer under `jax.jit` (G
 calls on precomputed token sets; SEPS: caption-dependent selection per tile), then computes
 R@1/5/10, median/mean rank and rSum. The same `Evaluator` runs inside the training loop.
 
-Protocols: flickr1k (whole 1K test), coco1k (mean over the 5 folds of 1,000 images), coco5k
+Protocols: flickr1k (whole 1K test), full (every pair of the split, any size), coco1k (mean over the 5 folds of 1,000 images), coco5k
 (whole 5K test), all (coco1k and coco5k). SEPS: `--dense_mode=honest` (default: the dense
 caption describes the candidate image) or `parity` (the official code's behaviour: the caption's
 own ground-truth dense caption — leaks the answer; reported as such).
@@ -30,7 +30,7 @@ from gseps_jax import sharding
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("flickr1k", "coco1k", "coco5k", "all")
+PROTOCOLS = ("flickr1k", "coco1k", "coco5k", "all", "full")
 
 
 def _pad_rows(x, multiple):
@@ -84,6 +84,15 @@ class Evaluator:
     ndev = mesh.devices.size
     self.batch_size = -(-self.batch_size // ndev) * ndev  # whole batches per device
     self.uses_dense = config.model.name == "seps" and config.model.seps.use_dense
+    if self.uses_dense and split == "dev" and not config.eval.get("dev_use_dense", True):
+      # Flickr30K/COCO ship no dense captions for dev: select models on the sparse branch
+      # (same parameters, dense branch off), as the SEPS configs document.
+      from gseps_jax import models  # pylint: disable=g-import-not-at-top
+      sparse_cfg = config.model.copy_and_resolve_references()
+      sparse_cfg.seps.use_dense = False
+      model = models.build_model(sparse_cfg)
+      self.model = model
+      self.uses_dense = False
     self._encode_img = jax.jit(functools.partial(model.apply, method="encode_images"))
     self._encode_txt = jax.jit(functools.partial(model.apply, method="encode_texts"))
     self._scorer = None
@@ -162,7 +171,7 @@ class Evaluator:
     t2 = time.time()
     cpi = self.captions_per_image
     out = {}
-    if self.protocol in ("flickr1k", "coco5k"):
+    if self.protocol in ("flickr1k", "coco5k", "full"):
       out = metrics_lib.retrieval_metrics(sims, cpi)
     elif self.protocol == "coco1k":
       out = metrics_lib.coco_1k_folds(sims, cpi)

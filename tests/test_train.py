@@ -23,7 +23,6 @@ WORKER = str(REPO / "tests" / "_train_worker.py")
 
 def run_worker(workdir, model="grm", overrides=None, *opts, env=None, check=True):
   env = dict(os.environ, **(env or {}))
-  env.pop("XLA_FLAGS", None) if "XLA_FLAGS" not in (env or {}) else None
   proc = subprocess.run([sys.executable, WORKER, str(workdir), model,
                          json.dumps(overrides or {}), *opts],
                         capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
@@ -101,7 +100,6 @@ def test_two_processes_agree_with_single_process(straight_run, tmp_path):
   for pid in range(2):
     env = dict(os.environ, GSEPS_COORDINATOR=f"localhost:{port}", GSEPS_NUM_PROCESSES="2",
                GSEPS_PROCESS_ID=str(pid))
-    env.pop("XLA_FLAGS", None)
     procs.append(subprocess.Popen(
         [sys.executable, WORKER, str(tmp_path / "mp"), "grm",
          json.dumps({"train.max_steps": 3, "checkpoint.every_steps": 1000})],

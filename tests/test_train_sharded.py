@@ -50,7 +50,8 @@ print("RESULT " + json.dumps(out))
 
 
 def _run(model, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+             " --xla_force_host_platform_device_count=8")
   code = SCRIPT.replace("MODEL", model).replace("OUT", str(tmp_path))
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                         cwd=REPO, timeout=600)
