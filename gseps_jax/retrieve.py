@@ -116,7 +116,8 @@ def weights_summary(params) -> list[list[float]]:
   stats = jax.jit(lambda ls: [jnp.stack([jnp.sum(x.astype(jnp.float32)),
                                          jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))])
                               for x in ls])(leaves)
-  return [[int(np.size(x)), float(s[0]), float(s[1])] for x, s in zip(leaves, jax.device_get(stats))]
+  stats = jax.device_get(stats)
+  return [[int(np.size(x)), float(s[0]), float(s[1])] for x, s in zip(leaves, stats)]
 
 
 def _weights_match(a: Sequence, b: Sequence) -> bool:
@@ -216,7 +217,8 @@ def dataset_source(config, split: str) -> ImageSource:
   # One metadata pass (ids, dense flags); image bytes are read again batch by batch when encoding.
   names, has_dense = [], True
   for start in range(0, n, 256):
-    for r in pipeline._read(source, range(start, min(n, start + 256))):  # pylint: disable=protected-access
+    batch = range(start, min(n, start + 256))
+    for r in pipeline._read(source, batch):  # pylint: disable=protected-access
       names.append(_text(r["image_id"]))
       has_dense &= bool(r.get("has_dense", True)) and bool(_text(r.get("dense_caption", "")))
 
@@ -549,7 +551,7 @@ def format_hits(hits: list[dict], label: str) -> str:
   """A plain-text table: rank, score, `label` column."""
   key = "caption" if label == "caption" else "name"
   width = max([len(label)] + [len(str(h[key])) for h in hits])
-  lines = [f"{'rank':>4}  {'score':>9}  {label:<{width}}", f"{'-' * 4}  {'-' * 9}  {'-' * width}"]
+  lines = [f"{'rank':>4}  {'score':>9}  {label}", f"{'-' * 4}  {'-' * 9}  {'-' * width}"]
   lines += [f"{h['rank']:>4}  {h['score']:9.4f}  {h[key]}" for h in hits]
   return "\n".join(lines)
 
@@ -595,6 +597,9 @@ def cmd_query(args) -> int:
   checkpoint = args.checkpoint or index.meta.get("checkpoint")
   if not checkpoint:
     raise ValueError(f"Index {args.index} records no checkpoint; pass --checkpoint.")
+  # Model and preprocessing are checked from the checkpoint's JSON meta before any weights load.
+  config, _, _ = ckpt_lib.load_config_from_checkpoint(checkpoint)
+  check_index(index, config, checkpoint=checkpoint)
   config, model, params, step = _restore(checkpoint)
   check_index(index, config, params, checkpoint=checkpoint)
   retriever = Retriever(config, model, params)
@@ -662,7 +667,8 @@ def make_parser() -> argparse.ArgumentParser:
                               description=__doc__.split("\n", 1)[0])
   sub = p.add_subparsers(dest="command", required=True)
   ix = sub.add_parser("index", help="Encode images once into an index directory.")
-  ix.add_argument("--checkpoint", required=True, help="Training workdir or WORKDIR/checkpoints/STEP.")
+  ix.add_argument("--checkpoint", required=True,
+                  help="Training workdir or WORKDIR/checkpoints/STEP.")
   ix.add_argument("--images", required=True, help="A folder of image files, or dataset:SPLIT.")
   ix.add_argument("--out", required=True, help="Index directory to write.")
   ix.add_argument("--dense", default=None, help="JSONL of per-image dense captions (folders).")

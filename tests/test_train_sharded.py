@@ -65,12 +65,16 @@ def _check(model, tmp_path):
   np.testing.assert_allclose(out["eight"]["loss"], out["one"]["loss"], rtol=1e-5)
   one, eight = np.load(tmp_path / "one.npz"), np.load(tmp_path / "eight.npz")
   assert sorted(one.files) == sorted(eight.files)
-  # Adam's first steps divide by |g|: where a gradient is ~1e-9 (reduction-order noise between
-  # 1 and 8 devices) the update can move by up to ~lr/4, so elements are compared at 5e-5
-  # (lr = 2e-4); a wrong sharded gradient moves most elements by ~lr and fails the mean check.
+  # Adam divides by |g|: where a gradient is ~0 (e.g. a bias under a softmax, whose exact
+  # gradient is 0) reduction-order noise between 1 and 8 devices moves the update by up to ~lr/4.
+  # So: every element within lr/2 (lr = 2e-4), and fewer than 1% of elements off by more than
+  # 1e-5; a wrong sharded gradient moves most elements by ~lr and fails both.
+  off, total = 0, 0
   for k in one.files:
-    np.testing.assert_allclose(eight[k], one[k], rtol=0, atol=5e-5, err_msg=k)
-    assert np.mean(np.abs(eight[k] - one[k])) < 2e-6, k
+    np.testing.assert_allclose(eight[k], one[k], rtol=0, atol=1e-4, err_msg=k)
+    off += int(np.sum(np.abs(eight[k] - one[k]) > 1e-5))
+    total += one[k].size
+  assert off < 0.01 * total, (off, total)
   # Parameters really are split over 'fsdp': each device holds half of every split kernel.
   assert out["one"]["split"] == []
   split = out["eight"]["split"]

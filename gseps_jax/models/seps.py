@@ -166,17 +166,20 @@ def hrpa_from_sims(sims: Array, mask: Array) -> Array:
 # ----------------------------------------------------------------------------------------------
 # SDTPS for a tile of pairs.
 # ----------------------------------------------------------------------------------------------
-def sdtps_tokens(img: dict, text_cos: Array, *, k: int, selection: str, st_temperature: float,
-                 precision=lax.Precision.HIGHEST) -> Array:
-  """Selected + aggregated + fused image tokens for a tile of (image, guide text) pairs.
+def _selection_weights(img: dict, text_cos: Array, *, k: int, selection: str,
+                       st_temperature: float) -> tuple[Array, Optional[Array]]:
+  """SDTPS selection as weights on the patches, for a tile of (image, guide text) pairs.
 
   Args:
-    img: per-image cache for Ti images (see `SEPSHead.prepare_images`): cls [Ti, C, D] (C in
-      {0, 1}), x [Ti, N, D], self_attn [Ti, N], logits [Ti, N, N_c].
-    text_cos: [Ti, Tg, N] cos(x_n, guide-text mean) for Tg guide texts per image.
+    img: per-image cache for Ti images (`SEPSHead.prepare_images`); uses self_attn [Ti, N] and
+      logits [Ti, N, N_c].
+    text_cos: [Ti, Tg, N] cos(x_n, guide-text mean).
     k: number of kept patches (1 <= k <= N).
   Returns:
-    [Ti, Tg, C + N_c + 1, D] L2-normalised tokens [CLS?, aggregated, fused].
+    (w [Ti, Tg, N, N_c] aggregation weights: column c is the softmax over the kept patches, 0 on
+     dropped ones; f [Ti, Tg, N] fused-token weights, softmax over the dropped patches, 0 on kept
+     ones, or None when nothing is dropped). Aggregated token c = sum_n w[n, c] x_n, fused token =
+    sum_n f[n] x_n.
   """
   score = img["self_attn"][:, None, :] + text_cos
   n = score.shape[-1]
@@ -190,16 +193,79 @@ def sdtps_tokens(img: dict, text_cos: Array, *, k: int, selection: str, st_tempe
     keep = keep + (soft - lax.stop_gradient(soft))
   # Aggregation: softmax over the kept patches of the per-patch logits, [Ti, Tg, N, N_c].
   w = _masked_softmax(img["logits"][:, None], keep[..., None], hard[..., None], axis=-2)
+  # Nothing dropped: the official softmax over an empty set sums to a zero token (f = None).
+  f = _masked_softmax(score, 1.0 - keep, ~hard, axis=-1) if k < n else None
+  return w, f
+
+
+def sdtps_tokens(img: dict, text_cos: Array, *, k: int, selection: str, st_temperature: float,
+                 precision=lax.Precision.HIGHEST) -> Array:
+  """Selected + aggregated + fused image tokens for a tile of (image, guide text) pairs.
+
+  This materialises [Ti, Tg, T, D]; the all-pairs scorer uses it only where the selection is per
+  image (honest dense branch). Per-pair branches go through `_pair_branch_sims`, which never
+  builds the tokens.
+
+  Args:
+    img: per-image cache for Ti images (see `SEPSHead.prepare_images`): cls [Ti, C, D] (C in
+      {0, 1}), x [Ti, N, D], self_attn [Ti, N], logits [Ti, N, N_c].
+    text_cos: [Ti, Tg, N] cos(x_n, guide-text mean) for Tg guide texts per image.
+    k: number of kept patches (1 <= k <= N).
+  Returns:
+    [Ti, Tg, C + N_c + 1, D] L2-normalised tokens [CLS?, aggregated, fused].
+  """
+  w, f = _selection_weights(img, text_cos, k=k, selection=selection,
+                            st_temperature=st_temperature)
   agg = jnp.einsum("ijnc,ind->ijcd", w, img["x"], precision=precision)
-  ti, tg = score.shape[:2]
+  ti, tg = text_cos.shape[:2]
   d = img["x"].shape[-1]
-  if k < n:
-    f = _masked_softmax(score, 1.0 - keep, ~hard, axis=-1)
+  if f is not None:
     fused = jnp.einsum("ijn,ind->ijd", f, img["x"], precision=precision)[:, :, None]
-  else:  # nothing dropped: the official softmax over an empty set sums to a zero token
+  else:
     fused = jnp.zeros((ti, tg, 1, d), agg.dtype)
   cls = jnp.broadcast_to(img["cls"][:, None], (ti, tg) + img["cls"].shape[1:])
   return l2_normalize(jnp.concatenate([cls, agg, fused], axis=2))
+
+
+def _pair_branch_sims(img: dict, gram: Array, text_cos: Array, words: Array, *, k: int,
+                      selection: str, st_temperature: float,
+                      precision=lax.Precision.HIGHEST) -> Array:
+  """HRPA similarities of a per-pair branch without building the per-pair tokens.
+
+  Every final token is a linear combination of patches (aggregated c = sum_n w[n, c] x_n, fused =
+  sum_n f[n] x_n) or the CLS. So its dot products with the words are the same combinations of
+  P = X . words^T (one GEMM for the whole tile), and its squared norm is a^T G a with the per-image
+  Gram matrix G = X X^T. The tokens are normalised as in the official code (x / max(||x||, eps)),
+  by scaling the similarities: the per-pair intermediates are [.., N, L] and [.., T, N] numbers
+  instead of a [.., T, D] token block. Same function of the inputs as `sdtps_tokens` followed by
+  the word dot products, so gradients (straight-through included) are the same too.
+
+  Args:
+    img: per-image cache for Ti images (cls [Ti, C, D], x [Ti, N, D], self_attn, logits).
+    gram: [Ti, N, N] X X^T per image.
+    text_cos: [Ti, Tc, N] cos(x_n, guide-text mean), guide text j aligned with words j.
+    words: [Tc, L, D] normalised words of the aligned texts.
+  Returns:
+    [Ti, Tc, L, C + N_c + 1] cosine similarities word . normalised token ([CLS?, agg, fused]).
+  """
+  w, f = _selection_weights(img, text_cos, k=k, selection=selection,
+                            st_temperature=st_temperature)
+  if f is not None:
+    a = jnp.concatenate([w, f[..., None]], axis=-1)  # [Ti, Tc, N, N_c + 1]
+  else:
+    a = jnp.pad(w, [(0, 0)] * 3 + [(0, 1)])  # zero fused token -> zero similarities
+  # P[i, j, n, l] = x_in . word_jl: ONE [Ti*N, D] x [D, Tc*L] GEMM.
+  p = jnp.einsum("ind,jld->ijnl", img["x"], words, precision=precision)
+  raw = jnp.einsum("ijnt,ijnl->ijlt", a, p, precision=precision)  # [Ti, Tc, L, T']
+  # Squared token norms a^T G a; G is symmetric, and batching over images keeps this a GEMM of
+  # [Tc*T', N] x [N, N] per image.
+  ag = jnp.einsum("ijnt,inm->ijmt", a, gram, precision=precision)
+  nsq = jnp.sum(ag * a, axis=-2)  # [Ti, Tc, T']
+  sims = raw * lax.rsqrt(jnp.maximum(nsq, NORM_EPS * NORM_EPS))[:, :, None, :]
+  if img["cls"].shape[1] == 0:
+    return sims
+  cls_sims = jnp.einsum("icd,jld->ijlc", l2_normalize(img["cls"]), words, precision=precision)
+  return jnp.concatenate([cls_sims, sims], axis=-1)
 
 
 def _tile(tree, size: int):
@@ -254,8 +320,7 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
     return jnp.einsum("ind,jd->ijn", xn, glo, precision=precision)
 
   def per_pair_branch(im, guide, words, mask):  # guide and align text both caption-aligned
-    toks = sdtps_tokens(im, cos(im["xn"], guide), **sel)  # [Ti, Tc, T, D]
-    sims = jnp.einsum("ijtd,jld->ijlt", toks, words, precision=precision)
+    sims = _pair_branch_sims(im, im["gram"], cos(im["xn"], guide), words, **sel)
     return hrpa_from_sims(sims, mask[None])
 
   def tile_scores(im, own, cp, dn):
@@ -270,6 +335,8 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
     return s
 
   def image_tile(im, dn_img):
+    if use_sparse or parity:  # per image, shared by every caption tile
+      im = dict(im, gram=jnp.einsum("ind,imd->inm", im["x"], im["x"], precision=precision))
     if not honest:
       return im, None
     # Honest dense branch: selection depends on the image alone, so its tokens are per image.
