@@ -64,6 +64,7 @@ SELECTIONS = ("official", "straight_through")
 NORM_EPS = 1e-12  # torch.nn.functional.normalize default
 AGGR_LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by the official aggregation net
 LEAKY_SLOPE = 0.1
+PAIR_SIMS_VIA = "tokens"  # per-pair branch formulation, see `_image_pair_sims`
 _PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
                "default": lax.Precision.DEFAULT}
 
@@ -166,34 +167,33 @@ def hrpa_from_sims(sims: Array, mask: Array) -> Array:
 # ----------------------------------------------------------------------------------------------
 # SDTPS for a tile of pairs.
 # ----------------------------------------------------------------------------------------------
-def _selection_weights(img: dict, text_cos: Array, *, k: int, selection: str,
-                       st_temperature: float) -> tuple[Array, Optional[Array]]:
-  """SDTPS selection as weights on the patches, for a tile of (image, guide text) pairs.
+def _selection_weights(self_attn: Array, logits_t: Array, text_cos: Array, *, k: int,
+                       selection: str, st_temperature: float) -> tuple[Array, Optional[Array]]:
+  """SDTPS selection as weights on the patches, for (image, guide text) pairs.
 
   Args:
-    img: per-image cache for Ti images (`SEPSHead.prepare_images`); uses self_attn [Ti, N] and
-      logits [Ti, N, N_c].
-    text_cos: [Ti, Tg, N] cos(x_n, guide-text mean).
+    self_attn: [..., N] cos(x_n, mean x) per image.
+    logits_t: [..., N_c, N] aggregation logits per image (patch axis last).
+    text_cos: [..., Tg, N] cos(x_n, guide-text mean) for Tg guide texts per image.
     k: number of kept patches (1 <= k <= N).
   Returns:
-    (w [Ti, Tg, N, N_c] aggregation weights: column c is the softmax over the kept patches, 0 on
-     dropped ones; f [Ti, Tg, N] fused-token weights, softmax over the dropped patches, 0 on kept
-     ones, or None when nothing is dropped). Aggregated token c = sum_n w[n, c] x_n, fused token =
-    sum_n f[n] x_n.
+    (w [..., Tg, N_c, N]: row c is the softmax of the logits over the kept patches, exactly 0 on
+     dropped ones; f [..., Tg, N]: fused-token weights, softmax of the scores over the dropped
+     patches, 0 on kept ones; None when nothing is dropped, where the official softmax over an
+     empty set sums to a zero token). Aggregated token c = sum_n w[c, n] x_n, fused = sum_n f[n]
+     x_n.
   """
-  score = img["self_attn"][:, None, :] + text_cos
+  score = self_attn[..., None, :] + text_cos
   n = score.shape[-1]
   straight = selection == "straight_through"
   top_v, top_i = lax.top_k(lax.stop_gradient(score), min(k + 1, n) if straight else k)
-  hard = jnp.any(top_i[..., :k, None] == jnp.arange(n), axis=-2)  # [Ti, Tg, N]
+  hard = jnp.any(top_i[..., :k, None] == jnp.arange(n), axis=-2)  # [..., Tg, N]
   keep = hard.astype(score.dtype)
   if straight and k < n:
     theta = 0.5 * (top_v[..., k - 1] + top_v[..., k])
     soft = jax.nn.sigmoid((score - theta[..., None]) / st_temperature)
     keep = keep + (soft - lax.stop_gradient(soft))
-  # Aggregation: softmax over the kept patches of the per-patch logits, [Ti, Tg, N, N_c].
-  w = _masked_softmax(img["logits"][:, None], keep[..., None], hard[..., None], axis=-2)
-  # Nothing dropped: the official softmax over an empty set sums to a zero token (f = None).
+  w = _masked_softmax(logits_t[..., None, :, :], keep[..., None, :], hard[..., None, :], axis=-1)
   f = _masked_softmax(score, 1.0 - keep, ~hard, axis=-1) if k < n else None
   return w, f
 
@@ -202,9 +202,8 @@ def sdtps_tokens(img: dict, text_cos: Array, *, k: int, selection: str, st_tempe
                  precision=lax.Precision.HIGHEST) -> Array:
   """Selected + aggregated + fused image tokens for a tile of (image, guide text) pairs.
 
-  This materialises [Ti, Tg, T, D]; the all-pairs scorer uses it only where the selection is per
-  image (honest dense branch). Per-pair branches go through `_pair_branch_sims`, which never
-  builds the tokens.
+  The all-pairs scorer uses this only where the selection is per image (honest dense branch);
+  per-pair branches go through `_image_pair_sims`, one image at a time.
 
   Args:
     img: per-image cache for Ti images (see `SEPSHead.prepare_images`): cls [Ti, C, D] (C in
@@ -214,9 +213,9 @@ def sdtps_tokens(img: dict, text_cos: Array, *, k: int, selection: str, st_tempe
   Returns:
     [Ti, Tg, C + N_c + 1, D] L2-normalised tokens [CLS?, aggregated, fused].
   """
-  w, f = _selection_weights(img, text_cos, k=k, selection=selection,
-                            st_temperature=st_temperature)
-  agg = jnp.einsum("ijnc,ind->ijcd", w, img["x"], precision=precision)
+  w, f = _selection_weights(img["self_attn"], jnp.swapaxes(img["logits"], -1, -2), text_cos,
+                            k=k, selection=selection, st_temperature=st_temperature)
+  agg = jnp.einsum("ijcn,ind->ijcd", w, img["x"], precision=precision)
   ti, tg = text_cos.shape[:2]
   d = img["x"].shape[-1]
   if f is not None:
@@ -227,44 +226,49 @@ def sdtps_tokens(img: dict, text_cos: Array, *, k: int, selection: str, st_tempe
   return l2_normalize(jnp.concatenate([cls, agg, fused], axis=2))
 
 
-def _pair_branch_sims(img: dict, gram: Array, text_cos: Array, words: Array, *, k: int,
-                      selection: str, st_temperature: float,
-                      precision=lax.Precision.HIGHEST) -> Array:
-  """HRPA similarities of a per-pair branch without building the per-pair tokens.
+def _image_pair_sims(im: dict, text_cos: Array, words: Array, *, k: int, selection: str,
+                     st_temperature: float, precision=lax.Precision.HIGHEST,
+                     via: str = "tokens") -> Array:
+  """Word . token cosines of ONE image against a tile of captions (per-pair selection).
 
-  Every final token is a linear combination of patches (aggregated c = sum_n w[n, c] x_n, fused =
-  sum_n f[n] x_n) or the CLS. So its dot products with the words are the same combinations of
-  P = X . words^T (one GEMM for the whole tile), and its squared norm is a^T G a with the per-image
-  Gram matrix G = X X^T. The tokens are normalised as in the official code (x / max(||x||, eps)),
-  by scaling the similarities: the per-pair intermediates are [.., N, L] and [.., T, N] numbers
-  instead of a [.., T, D] token block. Same function of the inputs as `sdtps_tokens` followed by
-  the word dot products, so gradients (straight-through included) are the same too.
+  Every final token but the CLS is a combination of patches: aggregated c = sum_n w[c, n] x_n,
+  fused = sum_n f[n] x_n. The official tokens are L2-normalised (x / max(||x||, eps)) before the
+  dot with the words; here the raw dots are scaled by 1 / max(||token||, eps) instead, so no
+  normalised or concatenated [Tc, T, D] copy is made. Working on one image keeps every
+  contraction a plain GEMM or a caption-batched one in its natural layout (batching the
+  aggregation over images and HRPA over captions forced a transpose of the whole token block).
+
+  via="tokens": tokens = a X ([Tc*T', N] x [N, D]), norms from the tokens, dots batched over
+  captions. via="gram": P = words X^T (ONE [Tc*L, D] x [D, N] GEMM), dots = a-combinations of P,
+  squared norms a^T G a with G = X X^T; never builds a [*, D] per-pair block, but costs
+  N*L*D + T'*N*L + T'*N^2 instead of T'*N*D + T'*L*D multiply-adds.
 
   Args:
-    img: per-image cache for Ti images (cls [Ti, C, D], x [Ti, N, D], self_attn, logits).
-    gram: [Ti, N, N] X X^T per image.
-    text_cos: [Ti, Tc, N] cos(x_n, guide-text mean), guide text j aligned with words j.
-    words: [Tc, L, D] normalised words of the aligned texts.
+    im: one image: x [N, D], xn [N, D], cls_n [C, D] normalised CLS, self_attn [N],
+      logits_t [N_c, N], and gram [N, N] for via="gram".
+    text_cos: [Tc, N] cos(x_n, guide-text mean), guide j aligned with words j.
+    words: [Tc, L, D] normalised words.
   Returns:
-    [Ti, Tc, L, C + N_c + 1] cosine similarities word . normalised token ([CLS?, agg, fused]).
+    [Tc, L, C + N_c + 1] cosines word . normalised token, tokens [CLS?, aggregated, fused].
   """
-  w, f = _selection_weights(img, text_cos, k=k, selection=selection,
-                            st_temperature=st_temperature)
+  w, f = _selection_weights(im["self_attn"], im["logits_t"], text_cos, k=k,
+                            selection=selection, st_temperature=st_temperature)
   if f is not None:
-    a = jnp.concatenate([w, f[..., None]], axis=-1)  # [Ti, Tc, N, N_c + 1]
+    a = jnp.concatenate([w, f[:, None, :]], axis=1)  # [Tc, N_c + 1, N]
+  else:  # zero fused token -> zero similarities, as the official normalised zero token
+    a = jnp.pad(w, [(0, 0), (0, 1), (0, 0)])
+  if via == "tokens":
+    tok = jnp.einsum("jtn,nd->jtd", a, im["x"], precision=precision)
+    nsq = jnp.sum(jnp.square(tok), axis=-1)  # [Tc, T']
+    raw = jnp.einsum("jld,jtd->jlt", words, tok, precision=precision)
   else:
-    a = jnp.pad(w, [(0, 0)] * 3 + [(0, 1)])  # zero fused token -> zero similarities
-  # P[i, j, n, l] = x_in . word_jl: ONE [Ti*N, D] x [D, Tc*L] GEMM.
-  p = jnp.einsum("ind,jld->ijnl", img["x"], words, precision=precision)
-  raw = jnp.einsum("ijnt,ijnl->ijlt", a, p, precision=precision)  # [Ti, Tc, L, T']
-  # Squared token norms a^T G a; G is symmetric, and batching over images keeps this a GEMM of
-  # [Tc*T', N] x [N, N] per image.
-  ag = jnp.einsum("ijnt,inm->ijmt", a, gram, precision=precision)
-  nsq = jnp.sum(ag * a, axis=-2)  # [Ti, Tc, T']
-  sims = raw * lax.rsqrt(jnp.maximum(nsq, NORM_EPS * NORM_EPS))[:, :, None, :]
-  if img["cls"].shape[1] == 0:
+    p = jnp.einsum("jld,nd->jln", words, im["x"], precision=precision)
+    raw = jnp.einsum("jln,jtn->jlt", p, a, precision=precision)
+    nsq = jnp.sum(jnp.einsum("jtn,nm->jtm", a, im["gram"], precision=precision) * a, axis=-1)
+  sims = raw * lax.rsqrt(jnp.maximum(nsq, NORM_EPS * NORM_EPS))[:, None, :]
+  if im["cls_n"].shape[0] == 0:
     return sims
-  cls_sims = jnp.einsum("icd,jld->ijlc", l2_normalize(img["cls"]), words, precision=precision)
+  cls_sims = jnp.einsum("jld,cd->jlc", words, im["cls_n"], precision=precision)
   return jnp.concatenate([cls_sims, sims], axis=-1)
 
 
@@ -320,8 +324,16 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
     return jnp.einsum("ind,jd->ijn", xn, glo, precision=precision)
 
   def per_pair_branch(im, guide, words, mask):  # guide and align text both caption-aligned
-    sims = _pair_branch_sims(im, im["gram"], cos(im["xn"], guide), words, **sel)
-    return hrpa_from_sims(sims, mask[None])
+    # One image at a time (lax.map): see `_image_pair_sims` for why.
+    one = dict(x=im["x"], xn=im["xn"], cls_n=l2_normalize(im["cls"]),
+               self_attn=im["self_attn"], logits_t=jnp.swapaxes(im["logits"], -1, -2))
+    if PAIR_SIMS_VIA == "gram":
+      one["gram"] = jnp.einsum("ind,imd->inm", im["x"], im["x"], precision=precision)
+
+    def image(o):
+      cos_j = jnp.einsum("nd,jd->jn", o["xn"], guide, precision=precision)
+      return hrpa_from_sims(_image_pair_sims(o, cos_j, words, via=PAIR_SIMS_VIA, **sel), mask)
+    return lax.map(image, one)  # [Ti, Tc]
 
   def tile_scores(im, own, cp, dn):
     s = 0.0
@@ -335,8 +347,6 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
     return s
 
   def image_tile(im, dn_img):
-    if use_sparse or parity:  # per image, shared by every caption tile
-      im = dict(im, gram=jnp.einsum("ind,imd->inm", im["x"], im["x"], precision=precision))
     if not honest:
       return im, None
     # Honest dense branch: selection depends on the image alone, so its tokens are per image.
