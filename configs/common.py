@@ -121,3 +121,22 @@ def base_config():
   c.checkpoint.keep = 3
   c.checkpoint.keep_best = True
   return c
+
+
+def use_tiny_data(c):
+  """`:tiny` runs anywhere: a 64-image generated set at 64 px (built on first use)."""
+  c.data.name = "synthetic_regions"
+  c.data.synthetic.update(dict(num_train=64, num_dev=16, num_test=16, image_size=64, seed=0))
+  c.data.data_dir = "data_cache/tfds"
+  c.train.eval_every = 0
+
+
+def use_demo_vision(c, image_size=32):
+  """The demo's small ViT, trained from scratch on the generated data."""
+  c.data.name = "synthetic_regions"
+  c.data.synthetic.image_size = image_size
+  c.data.image_size = image_size
+  c.data.data_dir = "data_cache/tfds"
+  c.model.vision = ml_collections.ConfigDict(dict(
+      VIT_B16, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+      intermediate_size=256, image_size=image_size, patch_size=8))

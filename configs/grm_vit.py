@@ -62,6 +62,7 @@ def apply_variants(c, flags, kv):
     c.data.max_len = 16
     c.train.batch_size = 8
     c.train.max_steps = 2
+    common.use_tiny_data(c)
     c.eval.batch_size = 8
     c.eval.chunk = 8
   if "demo" in flags:

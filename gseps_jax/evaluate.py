@@ -158,8 +158,7 @@ class Evaluator:
     caption_image = np.arange(self.num_captions, dtype=np.int32) // self.captions_per_image
     if self._scorer is None:
       self._scorer = self._make_scorer()
-    with self.mesh:
-      sims = self._scorer(params, img, txt, dense, caption_image)
+    sims = self._scorer(params, img, txt, dense, caption_image)
     return sims[:ni]
 
   def run(self, params, *, save_scores: str | None = None) -> dict:

@@ -196,7 +196,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                           "noise": init_rng}, sample, train=False)["params"])
   tx, head_lr, _ = optim.make_optimizer(config.optim, steps_per_epoch, abstract_params)
 
-  with mesh:
+  with jax.set_mesh(mesh):
     state, abstract, state_shardings = create_train_state(
         config, model, tx, sample, mesh, init_rng, pretrained=_load_pretrained(config))
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,

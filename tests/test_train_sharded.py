@@ -34,7 +34,7 @@ out = {}
 for name, mesh_cfg, devices in (("one", {"data": 1, "fsdp": 1}, jax.devices()[:1]),
                                 ("eight", {"data": 4, "fsdp": 2}, None)):
   mesh = sharding.make_mesh(mesh_cfg, devices)
-  with mesh:
+  with jax.set_mesh(mesh):
     state, _, shardings = trainer.create_train_state(config, model, tx, batch, mesh, key)
     step = trainer.jit_train_step(config, model, tx, mesh, shardings, 4)
     gb = jax.device_put(batch, sharding.batch_sharding(mesh))
