@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import shutil
 import uuid
 from importlib import resources
@@ -46,6 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from gseps_jax import checkpoint as ckpt_lib
 from gseps_jax.models import encoders
@@ -156,14 +156,21 @@ def _config_dict(config) -> dict:
   return json.loads(json.dumps(config.to_dict(), default=_json_default))
 
 
+def _absolute(path) -> epath.Path:
+  """`path` as an epath.Path; a local path made absolute (a `gs://` URI already is)."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else path.absolute()
+
+
 @contextlib.contextmanager
 def atomic_dir(out, overwrite: bool = False):
-  """Yields a fresh temporary directory beside `out`; renames it to `out` on success.
+  """Yields a fresh temporary directory (epath.Path) beside `out`; renames it to `out` on success.
 
   On any exception the temporary directory is removed and `out` is untouched. An existing
   non-empty `out` is an error unless `overwrite` (then it is replaced only after success).
+  Goes through epath: `import_official` writes a workdir, which may be on `gs://`.
   """
-  out = Path(out).absolute()
+  out = _absolute(out)
   if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
     raise FileExistsError(f"Output {out} already exists; choose a new --out or pass --overwrite.")
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,11 +182,14 @@ def atomic_dir(out, overwrite: bool = False):
       old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
       out.rename(old)
       tmp.rename(out)
-      shutil.rmtree(old) if old.is_dir() else old.unlink()
+      old.rmtree() if old.is_dir() else old.unlink()
     else:
       tmp.rename(out)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+      tmp.rmtree(missing_ok=True)
+    except OSError:  # cleanup is best effort; the original error is the one to report
+      pass
     raise
 
 
@@ -197,7 +207,7 @@ def restore(checkpoint) -> tuple[Any, dict, int, dict]:
   """
   from gseps_jax import optim  # pylint: disable=g-import-not-at-top
   from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.fspath(checkpoint)):
+  if not epath.Path(checkpoint).exists():
     raise FileNotFoundError(f"Checkpoint path {checkpoint} does not exist; pass a training "
                             f"workdir or WORKDIR/checkpoints/STEP.")
   config, step, meta = ckpt_lib.load_config_from_checkpoint(checkpoint)
@@ -312,8 +322,10 @@ def _save_hf_encoder(out_dir: Path, cfg, params) -> None:
 
 def _save_tokenizer(out_dir: Path, config, tokenizer_dir: Optional[str]) -> dict:
   from gseps_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  src = Path(tokenizer_dir) if tokenizer_dir else tok_lib.resolve_tokenizer_dir(
-      config.data, config.model.get("text_hf_dir", ""))
+  if tokenizer_dir:
+    src = Path(tokenizer_dir)  # local-path-ok: HF tokenizers load from a local dir
+  else:
+    src = tok_lib.resolve_tokenizer_dir(config.data, config.model.get("text_hf_dir", ""))
   tok = hf_import.load_hf_tokenizer(str(src))
   vocab = config.model.text.get("vocab_size")
   if vocab is not None and len(tok) > int(vocab):
@@ -322,7 +334,8 @@ def _save_tokenizer(out_dir: Path, config, tokenizer_dir: Optional[str]) -> dict
                       f"(--tokenizer_dir).")
   tok.save_pretrained(str(out_dir))
   vocab_file = src / "vocab.txt" if src.is_dir() else src
-  shutil.copyfile(vocab_file, out_dir / "vocab.txt")  # transformers 5 writes tokenizer.json only
+  # transformers 5 writes tokenizer.json only.
+  shutil.copyfile(vocab_file, out_dir / "vocab.txt")  # local-path-ok: local HF tokenizer dirs
   return {"class": "BertTokenizer", "do_lower_case": bool(tok.do_lower_case),
           "vocab_size": len(tok), "source": str(src)}
 
@@ -362,7 +375,7 @@ def write_hf(config, params: Mapping, step: int, out_dir, *,
   name = check_model_type(config)
   mc = config.model
   check_params(params, abstract_params(config), "Checkpoint params")
-  out_dir = Path(out_dir)
+  out_dir = Path(out_dir)  # local-path-ok: HF save_pretrained / safetensors write locally
   for key, cfg in (("vision_encoder", mc.vision), ("text_encoder", mc.text)):
     (out_dir / key).mkdir()
     _save_hf_encoder(out_dir / key, cfg, params[key])
@@ -392,7 +405,7 @@ def export_hf(checkpoint, out, *, overwrite: bool = False,
   config, params, step, _ = restore(checkpoint)
   with atomic_dir(out, overwrite) as tmp:
     write_hf(config, params, step, tmp, tokenizer_dir=tokenizer_dir)
-  return Path(out)
+  return Path(out)  # local-path-ok: the hf export is a local HF directory
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,7 +466,7 @@ def require_official(config) -> None:
 
 def _require_official_checkpoint(checkpoint) -> None:
   """`require_official` on the checkpoint's saved config, before any array is read."""
-  if not os.path.exists(os.fspath(checkpoint)):
+  if not epath.Path(checkpoint).exists():
     raise FileNotFoundError(f"Checkpoint path {checkpoint} does not exist; pass a training "
                             f"workdir or WORKDIR/checkpoints/STEP.")
   require_official(ckpt_lib.load_config_from_checkpoint(checkpoint)[0])
@@ -487,7 +500,7 @@ def write_official(config, params: Mapping, step: int, out_dir, meta=None) -> Pa
     log.warning("The official VSEModel(opt) builds ViT-B/Swin-B + bert-base from the hub; this "
                 "checkpoint's architecture differs (%s), so only its layout is official.",
                 "; ".join(issues))
-  path = Path(out_dir) / OFFICIAL_FILE
+  path = Path(out_dir) / OFFICIAL_FILE  # local-path-ok: torch.save writes a local file
   torch.save(state, str(path))
   return path
 
@@ -498,7 +511,7 @@ def export_official(checkpoint, out, *, overwrite: bool = False) -> Path:
   config, params, step, meta = restore(checkpoint)
   with atomic_dir(out, overwrite) as tmp:
     write_official(config, params, step, tmp, meta)
-  return Path(out) / OFFICIAL_FILE
+  return Path(out) / OFFICIAL_FILE  # local-path-ok: torch.save wrote a local file
 
 
 def export(checkpoint, out, *, format: str = "hf", overwrite: bool = False,  # pylint: disable=redefined-builtin
@@ -515,7 +528,7 @@ def export(checkpoint, out, *, format: str = "hf", overwrite: bool = False,  # p
   with atomic_dir(out, overwrite) as tmp:
     write_official(config, params, step, tmp, meta)
     write_hf(config, params, step, tmp, tokenizer_dir=tokenizer_dir)
-  return Path(out)
+  return Path(out)  # local-path-ok: HF / torch exports are local directories
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,12 +542,12 @@ def load_official(path, *, trust_pickle: bool = False) -> tuple[dict, dict]:
   you trust). A bare state dict (no `'model'` key) is accepted too.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  path = os.fspath(path)
-  if not os.path.isfile(path):
+  path = epath.Path(path)  # a checkpoint: may be on gs://
+  if not path.is_file():
     raise FileNotFoundError(f"Official checkpoint {path} does not exist.")
   try:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    with torch.serialization.safe_globals([argparse.Namespace]), path.open("rb") as f:
+      obj = torch.load(f, map_location="cpu", weights_only=not trust_pickle)
   except Exception as e:  # pylint: disable=broad-except
     if trust_pickle:
       raise
@@ -569,8 +582,8 @@ def _extras_summary(extras: dict) -> dict:
 
 
 def import_official(pth, config, out, *, overwrite: bool = False,
-                    trust_pickle: bool = False) -> Path:
-  """Official SEPS `.pth` -> a workdir `out` with an orbax checkpoint at step 0.
+                    trust_pickle: bool = False) -> epath.Path:
+  """Official SEPS `.pth` -> a workdir `out` (epath: may be gs://) with a checkpoint at step 0.
 
   The train state has the imported params, step 0 and a fresh optimiser state (the official
   `.pth` has none); the meta holds the config, its fingerprint and, under `'official'`, the
@@ -598,7 +611,7 @@ def import_official(pth, config, out, *, overwrite: bool = False,
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=jax.jit(tx.init)(params))
   meta = {"config": config.to_dict(), "fingerprint": ckpt_lib.fingerprint(config),
-          "official": dict(_extras_summary(extras), source=os.path.abspath(os.fspath(pth)))}
+          "official": dict(_extras_summary(extras), source=str(_absolute(pth)))}
   with atomic_dir(out, overwrite) as tmp:
     (tmp / "config.json").write_text(config.to_json_best_effort(indent=2))
     ckpt = ckpt_lib.Checkpointer(tmp, best_metric=None, async_save=False)
@@ -607,7 +620,7 @@ def import_official(pth, config, out, *, overwrite: bool = False,
       ckpt.wait()
     finally:
       ckpt.close()
-  return Path(out)
+  return epath.Path(out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,18 +37,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from gseps_jax import checkpoint as ckpt_lib
 
@@ -166,7 +167,7 @@ def _text(x) -> str:
 def _read_dense_file(path, names: list[str]) -> dict[str, str]:
   """`{"image": name, "dense_caption": text}` lines -> name -> text (every image, no extras)."""
   out = {}
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open("r", encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -188,7 +189,7 @@ def _read_dense_file(path, names: list[str]) -> dict[str, str]:
 
 def folder_source(folder, dense_file=None) -> ImageSource:
   """Every image file under `folder` (recursive, sorted by relative path)."""
-  folder = Path(folder)
+  folder = Path(folder)  # local-path-ok: image folders the user passes are local
   if not folder.is_dir():
     raise FileNotFoundError(f"--images={folder} is neither a directory nor "
                             f"'{DATASET_PREFIX}SPLIT'.")
@@ -340,8 +341,8 @@ class Retriever:
 
 @dataclasses.dataclass(frozen=True)
 class Index:
-  """A loaded index: `meta` (index.json) and host feature trees (memory-mapped .npy)."""
-  path: Path
+  """A loaded index: `meta` (index.json) and host feature trees (.npy, memory-mapped if local)."""
+  path: epath.Path
   meta: dict
   images: dict
   dense: dict | None
@@ -357,22 +358,36 @@ class Index:
     return self.meta.get("captions")
 
 
-def _save_tree(directory: Path, prefix: str, tree: dict) -> list[str]:
+def _absolute(path) -> epath.Path:
+  """`path` as an epath.Path; a local path made absolute (a `gs://` URI already is)."""
+  path = epath.Path(path)
+  return path if _is_remote(path) else path.absolute()
+
+
+def _is_remote(path: epath.Path) -> bool:
+  return "://" in str(path)
+
+
+def _save_tree(directory: epath.Path, prefix: str, tree: dict) -> list[str]:
   files = []
   for key, value in sorted(tree.items()):
     name = f"{prefix}.{key}.npy"
-    np.save(directory / name, np.asarray(value))
+    with (directory / name).open("wb") as f:
+      np.save(f, np.asarray(value))
     files.append(name)
   return files
 
 
-def _load_tree(directory: Path, files: Sequence[str], prefix: str) -> dict:
+def _load_tree(directory: epath.Path, files: Sequence[str], prefix: str) -> dict:
   out = {}
   for name in files:
     p = directory / name
     if not p.is_file():
       raise FileNotFoundError(f"Index {directory} is incomplete: {name} is missing.")
-    out[name[len(prefix) + 1:-len(".npy")]] = np.load(p, mmap_mode="r")
+    # Memory-map local indexes (only pages that are touched get read); a gs:// file cannot be
+    # mapped, so it is read whole.
+    out[name[len(prefix) + 1:-len(".npy")]] = (
+        np.load(io.BytesIO(p.read_bytes())) if _is_remote(p) else np.load(p, mmap_mode="r"))
   return out
 
 
@@ -400,14 +415,14 @@ def dense_mode_for(config, source: ImageSource) -> tuple[str, str]:
 
 
 def build_index(retriever: Retriever, source: ImageSource, out, *, checkpoint: str = "",
-                step: int | None = None, overwrite: bool = False) -> Path:
-  """Encodes `source` once and writes the index directory `out` atomically.
+                step: int | None = None, overwrite: bool = False) -> epath.Path:
+  """Encodes `source` once and writes the index directory `out` (may be `gs://`) atomically.
 
   Returns:
     The index directory.
   """
   config = retriever.config
-  out = Path(out).absolute()
+  out = _absolute(out)
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} exists; pass --overwrite to replace it.")
   mode, note = dense_mode_for(config, source)
@@ -423,7 +438,8 @@ def build_index(retriever: Retriever, source: ImageSource, out, *, checkpoint: s
   cpi = len(captions) // len(source) if captions else None
 
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir()
   try:
     files = {"image": _save_tree(tmp, "image", image_feats)}
     if dense_feats is not None:
@@ -435,7 +451,7 @@ def build_index(retriever: Retriever, source: ImageSource, out, *, checkpoint: s
         "model": config.model.name,
         "fingerprint": ckpt_lib.fingerprint(config),
         "preprocess": {k: _plain(_get(config, k)) for k in PREPROCESS_KEYS},
-        "checkpoint": str(Path(checkpoint).absolute()) if checkpoint else "",
+        "checkpoint": str(_absolute(checkpoint)) if checkpoint else "",
         "checkpoint_step": step,
         "weights": weights_summary(retriever.params),
         "source": source.description,
@@ -453,17 +469,20 @@ def build_index(retriever: Retriever, source: ImageSource, out, *, checkpoint: s
       old = out.with_name(f".{out.name}.old-{os.getpid()}")
       out.rename(old)
       tmp.rename(out)
-      shutil.rmtree(old)
+      old.rmtree()
     else:
       tmp.rename(out)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+      tmp.rmtree(missing_ok=True)
+    except OSError:  # cleanup is best effort; the original error is the one to report
+      pass
     raise
   return out
 
 
 def load_index(path) -> Index:
-  path = Path(path)
+  path = epath.Path(path)
   meta_file = path / "index.json"
   if not meta_file.is_file():
     raise FileNotFoundError(f"{path} is not an index (no index.json); build one with "
@@ -569,7 +588,7 @@ def _restore(checkpoint: str, data_dir: str | None = None):
 
 
 def _read_lines(path) -> list[str]:
-  lines = [ln.rstrip("\n") for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+  lines = [ln.rstrip("\n") for ln in epath.Path(path).read_text(encoding="utf-8").splitlines()]
   lines = [ln for ln in lines if ln.strip()]
   if not lines:
     raise ValueError(f"{path} has no non-empty lines.")
@@ -616,7 +635,8 @@ def cmd_query(args) -> int:
     else:
       raise ValueError(f"--image needs captions to rank: pass --captions=FILE (one per line); "
                        f"index {args.index} was built from a folder and has none.")
-    hits, mode = search_image(retriever, Path(args.image).read_bytes(), captions, k=args.k,
+    image = Path(args.image).read_bytes()  # local-path-ok: a query image the user passes
+    hits, mode = search_image(retriever, image, captions, k=args.k,
                               caption_feats=caption_feats, dense_caption=args.dense_caption,
                               name=args.image)
     result = {"query": {"image": args.image}, "direction": "image_to_text", "dense_mode": mode,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from gseps_jax import losses
 from gseps_jax.models import encoders
-from gseps_jax.models.similarity import l2_normalize, token_similarity
+from gseps_jax.models.similarity import l2_normalize, token_similarity, token_similarity_multi
 
 LEVELS = ("ori", "key", "unc")
 
@@ -278,12 +278,14 @@ class GRM(nn.Module):
 
   # -- kernel ----------------------------------------------------------------------------------
 
-  def _sim(self, x, xm, y, ym, chunk=None):
+  def _kernel_args(self, chunk):
     dtype = jnp.dtype(self.config.dtype)
     # bf16 models feed bf16 tokens to the kernel's matmul; it accumulates in fp32 regardless.
-    return token_similarity(x, xm, y, ym, direction=self.config.grm.direction,
-                            chunk=chunk or None,
-                            compute_dtype=None if dtype == jnp.float32 else dtype)
+    return dict(direction=self.config.grm.direction, chunk=chunk or None,
+                compute_dtype=None if dtype == jnp.float32 else dtype)
+
+  def _sim(self, x, xm, y, ym, chunk=None):
+    return token_similarity(x, xm, y, ym, **self._kernel_args(chunk))
 
   # -- encoders --------------------------------------------------------------------------------
 
@@ -335,9 +337,14 @@ class GRM(nn.Module):
 
   def level_scores(self, img: dict, txt: dict, *, chunk=None) -> dict:
     """level -> `[Ni, Nc]` kernel scores from `encode_images` / `encode_texts` outputs."""
+    # Evaluation: ori and key score the same tokens V, T with different masks, so one cosine
+    # block per tile serves both (training scores key on V_hat, T_hat: separate calls there).
+    ori, key = token_similarity_multi(
+        img["ori"], (img["ori_mask"], img["key_mask"]), txt["ori"],
+        (txt["ori_mask"], txt["key_mask"]), **self._kernel_args(chunk))
     return {
-        "ori": self._sim(img["ori"], img["ori_mask"], txt["ori"], txt["ori_mask"], chunk),
-        "key": self._sim(img["ori"], img["key_mask"], txt["ori"], txt["key_mask"], chunk),
+        "ori": ori,
+        "key": key,
         "unc": self._sim(img["unc"], img["unc_mask"], txt["ori"], txt["key_mask"], chunk),
     }
 

@@ -20,7 +20,10 @@ so memory is O(tile). Everything that depends on one side only is computed once:
 patch norms, the image mean, and the aggregation net's per-patch logits (every layer of that net
 acts per token, so logits of the kept patches are a gather of per-image logits); per text the
 normalised mean and normalised words. Per pair only the selection, the masked softmaxes, the
-weighted sums and HRPA remain.
+weighted sums and HRPA remain. Inside a tile the per-pair branches run one image at a time
+(`lax.map`), so that the aggregation is one plain GEMM per image and HRPA a caption-batched one,
+and the final tokens are never normalised or concatenated in memory: the word dots are scaled by
+the inverse token norms instead (`_image_pair_sims`).
 
 Dense captions (`dense_mode`):
   * "parity": the official behaviour. The dense text is a second query paired with the caption:
@@ -64,7 +67,6 @@ SELECTIONS = ("official", "straight_through")
 NORM_EPS = 1e-12  # torch.nn.functional.normalize default
 AGGR_LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by the official aggregation net
 LEAKY_SLOPE = 0.1
-PAIR_SIMS_VIA = "tokens"  # per-pair branch formulation, see `_image_pair_sims`
 _PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
                "default": lax.Precision.DEFAULT}
 
@@ -227,8 +229,7 @@ def sdtps_tokens(img: dict, text_cos: Array, *, k: int, selection: str, st_tempe
 
 
 def _image_pair_sims(im: dict, text_cos: Array, words: Array, *, k: int, selection: str,
-                     st_temperature: float, precision=lax.Precision.HIGHEST,
-                     via: str = "tokens") -> Array:
+                     st_temperature: float, precision=lax.Precision.HIGHEST) -> Array:
   """Word . token cosines of ONE image against a tile of captions (per-pair selection).
 
   Every final token but the CLS is a combination of patches: aggregated c = sum_n w[c, n] x_n,
@@ -237,15 +238,14 @@ def _image_pair_sims(im: dict, text_cos: Array, words: Array, *, k: int, selecti
   normalised or concatenated [Tc, T, D] copy is made. Working on one image keeps every
   contraction a plain GEMM or a caption-batched one in its natural layout (batching the
   aggregation over images and HRPA over captions forced a transpose of the whole token block).
-
-  via="tokens": tokens = a X ([Tc*T', N] x [N, D]), norms from the tokens, dots batched over
-  captions. via="gram": P = words X^T (ONE [Tc*L, D] x [D, N] GEMM), dots = a-combinations of P,
-  squared norms a^T G a with G = X X^T; never builds a [*, D] per-pair block, but costs
-  N*L*D + T'*N*L + T'*N^2 instead of T'*N*D + T'*L*D multiply-adds.
+  Cost per pair: T'*N*D (one [Tc*T', N] x [N, D] GEMM for the image) + T'*L*D multiply-adds,
+  T' = N_c + 1. (Scoring through P = X words^T and the Gram matrix X X^T instead, which never
+  builds a [*, D] block, costs N*L*D + T'*N*L + T'*N^2 and measured 1.3-1.7x slower on CPU; see
+  docs/performance.md.)
 
   Args:
     im: one image: x [N, D], xn [N, D], cls_n [C, D] normalised CLS, self_attn [N],
-      logits_t [N_c, N], and gram [N, N] for via="gram".
+      logits_t [N_c, N].
     text_cos: [Tc, N] cos(x_n, guide-text mean), guide j aligned with words j.
     words: [Tc, L, D] normalised words.
   Returns:
@@ -257,14 +257,9 @@ def _image_pair_sims(im: dict, text_cos: Array, words: Array, *, k: int, selecti
     a = jnp.concatenate([w, f[:, None, :]], axis=1)  # [Tc, N_c + 1, N]
   else:  # zero fused token -> zero similarities, as the official normalised zero token
     a = jnp.pad(w, [(0, 0), (0, 1), (0, 0)])
-  if via == "tokens":
-    tok = jnp.einsum("jtn,nd->jtd", a, im["x"], precision=precision)
-    nsq = jnp.sum(jnp.square(tok), axis=-1)  # [Tc, T']
-    raw = jnp.einsum("jld,jtd->jlt", words, tok, precision=precision)
-  else:
-    p = jnp.einsum("jld,nd->jln", words, im["x"], precision=precision)
-    raw = jnp.einsum("jln,jtn->jlt", p, a, precision=precision)
-    nsq = jnp.sum(jnp.einsum("jtn,nm->jtm", a, im["gram"], precision=precision) * a, axis=-1)
+  tok = jnp.einsum("jtn,nd->jtd", a, im["x"], precision=precision)  # unnormalised
+  nsq = jnp.sum(jnp.square(tok), axis=-1)  # [Tc, T']
+  raw = jnp.einsum("jld,jtd->jlt", words, tok, precision=precision)
   sims = raw * lax.rsqrt(jnp.maximum(nsq, NORM_EPS * NORM_EPS))[:, None, :]
   if im["cls_n"].shape[0] == 0:
     return sims
@@ -320,31 +315,29 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
   parity = use_dense and dense_mode == "parity"
   sel = dict(k=k, selection=selection, st_temperature=st_temperature, precision=precision)
 
-  def cos(xn, glo):  # [Ti, N, D], [Tg, D] -> [Ti, Tg, N]
-    return jnp.einsum("ind,jd->ijn", xn, glo, precision=precision)
-
-  def per_pair_branch(im, guide, words, mask):  # guide and align text both caption-aligned
-    # One image at a time (lax.map): see `_image_pair_sims` for why.
+  def tile_scores(im, own, cp, dn):
+    # One image at a time (lax.map over the tile's images): every contraction is then a plain
+    # GEMM or a caption-batched one in its natural layout (see `_image_pair_sims`).
     one = dict(x=im["x"], xn=im["xn"], cls_n=l2_normalize(im["cls"]),
                self_attn=im["self_attn"], logits_t=jnp.swapaxes(im["logits"], -1, -2))
-    if PAIR_SIMS_VIA == "gram":
-      one["gram"] = jnp.einsum("ind,imd->inm", im["x"], im["x"], precision=precision)
-
-    def image(o):
-      cos_j = jnp.einsum("nd,jd->jn", o["xn"], guide, precision=precision)
-      return hrpa_from_sims(_image_pair_sims(o, cos_j, words, via=PAIR_SIMS_VIA, **sel), mask)
-    return lax.map(image, one)  # [Ti, Tc]
-
-  def tile_scores(im, own, cp, dn):
-    s = 0.0
-    if use_sparse:
-      s = s + per_pair_branch(im, cp["glo"], cp["words"], cp["mask"])
-    if parity:
-      s = s + per_pair_branch(im, dn["glo"], dn["words"], dn["mask"])
     if honest:
-      sims = jnp.einsum("itd,jld->ijlt", own, cp["words"], precision=precision)
-      s = s + hrpa_from_sims(sims, cp["mask"][None])
-    return s
+      one["own"] = own
+
+    def per_pair_branch(o, txt):  # guide and aligned words both from the caption-aligned text
+      cos_j = jnp.einsum("nd,jd->jn", o["xn"], txt["glo"], precision=precision)
+      return hrpa_from_sims(_image_pair_sims(o, cos_j, txt["words"], **sel), txt["mask"])
+
+    def image(o):  # -> [Tc]
+      s = 0.0
+      if use_sparse:
+        s = s + per_pair_branch(o, cp)
+      if parity:
+        s = s + per_pair_branch(o, dn)
+      if honest:
+        sims = jnp.einsum("jld,td->jlt", cp["words"], o["own"], precision=precision)
+        s = s + hrpa_from_sims(sims, cp["mask"])
+      return s
+    return lax.map(image, one)  # [Ti, Tc]
 
   def image_tile(im, dn_img):
     if not honest:

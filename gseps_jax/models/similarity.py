@@ -76,31 +76,34 @@ def _masked_max_mean(s, max_mask, mean_mask, max_axis):
   return total / jnp.maximum(count, 1).astype(total.dtype)
 
 
-def _tile_scores(xt, xm, yt, ym, *, direction, precision, acc_dtype):
-  """Scores of one tile of the pair grid.
+def _tile_scores(xt, xms, yt, yms, *, direction, precision, acc_dtype):
+  """Scores of one tile of the pair grid, for one or several (x_mask, y_mask) pairs.
 
   Args:
     xt: `[cx, Lx, D]` normalised x tokens (compute dtype).
-    xm: `[cx, Lx]` bool.
+    xms: tuple of M `[cx, Lx]` bool x masks.
     yt: `[cy, Ly, D]` normalised y tokens (compute dtype).
-    ym: `[cy, Ly]` bool.
+    yms: tuple of M `[cy, Ly]` bool y masks (paired with `xms`).
 
   Returns:
-    `[cx, cy]` in `acc_dtype`.
+    `[M, cx, cy]` in `acc_dtype`: the cosine block is computed once and reduced once per pair.
   """
   # fp32 accumulation whatever the input dtype. The [cx, cy, Lx, Ly] block of this tile is the
   # largest intermediate (XLA on CPU keeps ~3 such buffers: the dot output and the two masked
   # reductions' inputs; see docs/benchmarks.md).
   s = jnp.einsum("ild,jmd->ijlm", xt, yt, precision=precision,
                  preferred_element_type=acc_dtype)
-  xm4 = xm[:, None, :, None]  # [cx, 1, Lx, 1]
-  ym4 = ym[None, :, None, :]  # [1, cy, 1, Ly]
-  out = []
-  if direction in ("x2y", "both"):  # each x token: best y token; average over x tokens
-    out.append(_masked_max_mean(s, ym4, xm[:, None, :], max_axis=3))
-  if direction in ("y2x", "both"):  # each y token: best x token; average over y tokens
-    out.append(_masked_max_mean(s, xm4, ym[None, :, :], max_axis=2))
-  return out[0] if len(out) == 1 else 0.5 * (out[0] + out[1])
+  outs = []
+  for xm, ym in zip(xms, yms):
+    xm4 = xm[:, None, :, None]  # [cx, 1, Lx, 1]
+    ym4 = ym[None, :, None, :]  # [1, cy, 1, Ly]
+    out = []
+    if direction in ("x2y", "both"):  # each x token: best y token; average over x tokens
+      out.append(_masked_max_mean(s, ym4, xm[:, None, :], max_axis=3))
+    if direction in ("y2x", "both"):  # each y token: best x token; average over y tokens
+      out.append(_masked_max_mean(s, xm4, ym[None, :, :], max_axis=2))
+    outs.append(out[0] if len(out) == 1 else 0.5 * (out[0] + out[1]))
+  return jnp.stack(outs)
 
 
 def _tile_sizes(chunk: Chunk, bx: int, by: int) -> Tuple[int, int]:
@@ -112,12 +115,14 @@ def _tile_sizes(chunk: Chunk, bx: int, by: int) -> Tuple[int, int]:
   return min(cx, bx), min(cy, by)
 
 
-def _pad_items(t, m, n):
-  """Pads the item axis of tokens `[B, L, D]` and mask `[B, L]` to `n` with empty items."""
+def _pad_items(t, ms, n):
+  """Pads the item axis of tokens `[B, L, D]` and of each mask `[B, L]` in the tuple `ms` to
+  `n` with empty items."""
   pad = n - t.shape[0]
   if pad == 0:
-    return t, m
-  return (jnp.pad(t, ((0, pad), (0, 0), (0, 0))), jnp.pad(m, ((0, pad), (0, 0))))
+    return t, ms
+  return (jnp.pad(t, ((0, pad), (0, 0), (0, 0))),
+          tuple(jnp.pad(m, ((0, pad), (0, 0))) for m in ms))
 
 
 def _check_inputs(x, x_mask, y, y_mask, direction):
@@ -157,16 +162,55 @@ def token_similarity(x: jax.Array, x_mask: jax.Array, y: jax.Array, y_mask: jax.
     item has no valid token.
   """
   _check_inputs(x, x_mask, y, y_mask, direction)
-  x_mask = x_mask.astype(bool)
-  y_mask = y_mask.astype(bool)
+  return _all_pairs(x, (x_mask,), y, (y_mask,), direction=direction, chunk=chunk,
+                    compute_dtype=compute_dtype, precision=precision)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("direction", "chunk", "compute_dtype", "precision"))
+def token_similarity_multi(x: jax.Array, x_masks: Sequence[jax.Array], y: jax.Array,
+                           y_masks: Sequence[jax.Array], *, direction: str = "both",
+                           chunk: Chunk = None, compute_dtype: Any = None,
+                           precision: Optional[lax.Precision] = None) -> jax.Array:
+  """`token_similarity` for several (x_mask, y_mask) pairs over the SAME tokens, sharing one
+  cosine block per tile: one einsum, then one masked max/mean reduction per mask pair.
+
+  Equal, value and gradient, to stacking `token_similarity(x, x_masks[m], y, y_masks[m])`.
+  GRM uses it at evaluation only: there its ori and key levels score the same tokens with
+  different masks (in training the key level scores differently built tokens).
+
+  Args:
+    x: `[Bx, Lx, D]`; x_masks: M masks `[Bx, Lx]`.
+    y: `[By, Ly, D]`; y_masks: M masks `[By, Ly]`, paired with `x_masks`.
+    direction, chunk, compute_dtype, precision: as in `token_similarity`.
+
+  Returns:
+    `[M, Bx, By]` scores.
+  """
+  x_masks, y_masks = tuple(x_masks), tuple(y_masks)
+  if not x_masks or len(x_masks) != len(y_masks):
+    raise ValueError(f"need as many x masks as y masks (>= 1), got {len(x_masks)} and "
+                     f"{len(y_masks)}")
+  for xm, ym in zip(x_masks, y_masks):
+    _check_inputs(x, xm, y, ym, direction)
+  return _all_pairs(x, x_masks, y, y_masks, direction=direction, chunk=chunk,
+                    compute_dtype=compute_dtype, precision=precision)
+
+
+def _all_pairs(x, x_masks, y, y_masks, *, direction, chunk, compute_dtype, precision):
+  """Shared body of the two kernels: mask tuples in, `[M, Bx, By]` out."""
+  x_masks = tuple(m.astype(bool) for m in x_masks)
+  y_masks = tuple(m.astype(bool) for m in y_masks)
   # float32 unless the inputs are float64 (x64 mode, used by the gradient tests).
   base = jnp.result_type(x.dtype, y.dtype, jnp.float32)
   cdt = base if compute_dtype is None else jnp.dtype(compute_dtype)
   acc = jnp.promote_types(cdt, jnp.float32)
-  # Normalise once (O(B L D)), outside the tile loop; masked tokens are zeroed so garbage in
-  # padding cannot matter even before the masks are applied.
-  xn = jnp.where(x_mask[..., None], l2_normalize(x), 0.0).astype(cdt)
-  yn = jnp.where(y_mask[..., None], l2_normalize(y), 0.0).astype(cdt)
+  # Normalise once (O(B L D)), outside the tile loop; tokens invalid under every mask are zeroed
+  # so garbage in padding cannot matter even before the masks are applied. (A token valid under
+  # one mask only is masked out of the other reductions, so sharing the tokens is exact.)
+  x_any = functools.reduce(jnp.logical_or, x_masks)
+  y_any = functools.reduce(jnp.logical_or, y_masks)
+  xn = jnp.where(x_any[..., None], l2_normalize(x), 0.0).astype(cdt)
+  yn = jnp.where(y_any[..., None], l2_normalize(y), 0.0).astype(cdt)
   bx, lx, d = x.shape
   by, ly, _ = y.shape
   cx, cy = _tile_sizes(chunk, bx, by)
@@ -174,22 +218,23 @@ def token_similarity(x: jax.Array, x_mask: jax.Array, y: jax.Array, y_mask: jax.
   tile = functools.partial(_tile_scores, direction=direction, precision=precision,
                            acc_dtype=acc)
   if nx == 1 and ny == 1:
-    return tile(xn, x_mask, yn, y_mask)
+    return tile(xn, x_masks, yn, y_masks)
 
-  xn, xm = _pad_items(xn, x_mask, nx * cx)
-  yn, ym = _pad_items(yn, y_mask, ny * cy)
-  xs = (xn.reshape(nx, cx, lx, d), xm.reshape(nx, cx, lx))
-  ys = (yn.reshape(ny, cy, ly, d), ym.reshape(ny, cy, ly))
+  xn, xms = _pad_items(xn, x_masks, nx * cx)
+  yn, yms = _pad_items(yn, y_masks, ny * cy)
+  xs = (xn.reshape(nx, cx, lx, d), tuple(m.reshape(nx, cx, lx) for m in xms))
+  ys = (yn.reshape(ny, cy, ly, d), tuple(m.reshape(ny, cy, ly) for m in yms))
   # Rematerialise each tile in the backward pass: otherwise scan saves every tile's cosine block
   # as a residual and the backward needs the full [Bx, By, Lx, Ly] after all.
   tile = jax.checkpoint(tile)
 
   def row(xb):
-    return lax.map(lambda yb: tile(xb[0], xb[1], yb[0], yb[1]), ys)  # [ny, cx, cy]
+    return lax.map(lambda yb: tile(xb[0], xb[1], yb[0], yb[1]), ys)  # [ny, M, cx, cy]
 
-  out = lax.map(row, xs)  # [nx, ny, cx, cy]
-  out = out.transpose(0, 2, 1, 3).reshape(nx * cx, ny * cy)
-  return out[:bx, :by]
+  out = lax.map(row, xs)  # [nx, ny, M, cx, cy]
+  m = len(x_masks)
+  out = out.transpose(2, 0, 3, 1, 4).reshape(m, nx * cx, ny * cy)
+  return out[:, :bx, :by]
 
 
 AxisName = Optional[Union[str, Sequence[str]]]
