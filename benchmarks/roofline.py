@@ -246,7 +246,7 @@ def _seps_head(num_patches: int = IMG_TOKENS - 1):
                            rho=0.5, dense_mode="parity")
 
 
-def seps_scoring_cost(n_img: int, n_cap: int, *, tile: tuple[int, int] = (50, 250),
+def seps_scoring_cost(n_img: int, n_cap: int, *, tile: tuple[int, int] = (1, 250),
                       dense_mode: str = "parity") -> dict:
   """SEPS all-pairs cost = per-image/per-text preparation (once) + one pair tile x tiles.
 

@@ -12,5 +12,4 @@ def build_model(model_cfg):
   if name not in MODELS:
     raise ValueError(f"config.model.name={name!r} is not a known model; choose one of "
                      f"{sorted(MODELS)}.")
-  cls = MODELS[name]
-  return cls.from_config(model_cfg) if hasattr(cls, "from_config") else cls(config=model_cfg)
+  return MODELS[name].from_config(model_cfg)

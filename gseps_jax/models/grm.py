@@ -257,6 +257,11 @@ class GRM(nn.Module):
   """
   config: Any
 
+  @classmethod
+  def from_config(cls, model_cfg) -> "GRM":
+    """`config.model` (with a `grm` sub-config, see configs/grm_vit.py) -> GRM."""
+    return cls(config=model_cfg)
+
   def setup(self):
     c, g = self.config, self.config.grm
     dtype = jnp.dtype(c.dtype)
