@@ -53,6 +53,11 @@ def base_config():
   c.model.vision_hf_dir = ""  # local HF directory with pretrained weights ("" = random init)
   c.model.text = ml_collections.ConfigDict(BERT_BASE)
   c.model.text_hf_dir = ""
+  # Paper configs start from pretrained towers: refuse to silently train from random weights.
+  # `:tiny` / `:demo` (and --config.model.require_pretrained=False) train from scratch.
+  c.model.require_pretrained = True
+  c.model.vision_hf_name = "google/vit-base-patch16-224-in21k"  # what to download (message only)
+  c.model.text_hf_name = "bert-base-uncased"
   c.model.freeze_text = False
   c.model.embed_dim = 512
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
@@ -125,6 +130,7 @@ def base_config():
 
 def use_tiny_data(c):
   """`:tiny` runs anywhere: a 64-image generated set at 64 px (built on first use)."""
+  c.model.require_pretrained = False
   c.data.name = "synthetic_regions"
   c.data.synthetic.update(dict(num_train=64, num_dev=16, num_test=16, image_size=64, seed=0))
   c.data.data_dir = "data_cache/tfds"
@@ -133,6 +139,7 @@ def use_tiny_data(c):
 
 def use_demo_vision(c, image_size=32):
   """The demo's small ViT, trained from scratch on the generated data."""
+  c.model.require_pretrained = False
   c.data.name = "synthetic_regions"
   c.data.synthetic.image_size = image_size
   c.data.image_size = image_size
@@ -140,3 +147,12 @@ def use_demo_vision(c, image_size=32):
   c.model.vision = ml_collections.ConfigDict(dict(
       VIT_B16, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
       intermediate_size=256, image_size=image_size, patch_size=8))
+
+
+def pretrained_name(vision, image_size: int) -> str:
+  """The HF checkpoint the papers start from for this vision config (for messages/docs)."""
+  if vision["model_type"] == "swin":
+    w = 12 if image_size == 384 else 7
+    return f"microsoft/swin-base-patch4-window{w}-{image_size}"
+  return ("google/vit-base-patch16-384" if image_size == 384
+          else "google/vit-base-patch16-224-in21k")

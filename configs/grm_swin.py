@@ -18,4 +18,6 @@ from configs import grm_vit
 def get_config(arg=None):
   flags, kv = common.parse_variant(arg)
   c = grm_vit.base_grm(common.SWIN_B, num_regions=50)
-  return grm_vit.apply_variants(c, flags, kv)
+  c = grm_vit.apply_variants(c, flags, kv)
+  c.model.vision_hf_name = common.pretrained_name(c.model.vision, c.data.image_size)
+  return c

@@ -69,6 +69,7 @@ def apply_variants(c, flags, kv):
     # Embedded demo (the lead owns the size/step details): generated shapes, small images (on 2
     # CPU cores step count dominates: 32 px wins, platform.md), a small ViT from scratch, the
     # pretrained MiniLM text tower frozen, InfoNCE (the hinge learns slowly from a cold start).
+    c.model.require_pretrained = False  # the ViT trains from scratch; MiniLM is pretrained
     c.data.name = "synthetic_regions"
     c.data.synthetic.image_size = 32
     c.data.image_size = 32
@@ -140,4 +141,6 @@ def base_grm(vision, num_regions: int) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   flags, kv = common.parse_variant(arg)
   c = base_grm(common.VIT_B16, num_regions=5)
-  return apply_variants(c, flags, kv)
+  c = apply_variants(c, flags, kv)
+  c.model.vision_hf_name = common.pretrained_name(c.model.vision, c.data.image_size)
+  return c

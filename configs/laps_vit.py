@@ -16,5 +16,6 @@ def get_config(arg=None):
   c.model.seps.use_dense = False
   c.model.seps.ratio_weight = 2.0
   c = seps_vit.apply_variants(c, flags, kv)
+  c.model.vision_hf_name = common.pretrained_name(c.model.vision, c.data.image_size)
   c.model.seps.use_dense = False
   return c

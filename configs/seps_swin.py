@@ -16,4 +16,6 @@ def get_config(arg=None):
   c = seps_vit.base_seps(common.SWIN_B, rho=0.8, alpha=0.6)
   if "384" in flags:
     c.model.vision.window_size = 12
-  return seps_vit.apply_variants(c, flags, kv)
+  c = seps_vit.apply_variants(c, flags, kv)
+  c.model.vision_hf_name = common.pretrained_name(c.model.vision, c.data.image_size)
+  return c

@@ -120,4 +120,6 @@ def base_seps(vision, rho: float, alpha: float) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   flags, kv = common.parse_variant(arg)
   c = base_seps(common.VIT_B16, rho=0.5, alpha=0.4)
-  return apply_variants(c, flags, kv)
+  c = apply_variants(c, flags, kv)
+  c.model.vision_hf_name = common.pretrained_name(c.model.vision, c.data.image_size)
+  return c

@@ -10,6 +10,7 @@ below). Every process runs this same command.
 """
 
 import logging
+import sys
 
 from absl import app
 from absl import flags
@@ -32,8 +33,15 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   distributed.maybe_initialize(coordinator=_COORD.value, num_processes=_NPROC.value,
                                process_id=_PID.value)
+  from gseps_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from gseps_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (trainer.SetupError, prepare.NotPreparedError, checkpoint.CheckpointMismatchError,
+          trainer.NonFiniteLossError) as e:
+    # Expected, actionable failures: the message says what to do; no traceback.
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

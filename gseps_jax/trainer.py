@@ -166,11 +166,47 @@ def _check_finite(step, metrics):
         f"checkpoint is kept; lower optim.lr or enable optim.clip_norm and resume.")
 
 
+class SetupError(FileNotFoundError):
+  """Data or pretrained weights the config needs are not on this machine."""
+
+
+def preflight(config) -> None:
+  """Checks, before anything is built, that the dataset is prepared and the pretrained weights
+  the config asks for are present; raises ONE paragraph listing every missing piece with the
+  command that provides it."""
+  from gseps_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  problems = []
+  m = config.model
+  for key, name_key, what in (("vision_hf_dir", "vision_hf_name", "vision"),
+                              ("text_hf_dir", "text_hf_name", "text")):
+    d = m.get(key, "")
+    hf_name = m.get(name_key, "")
+    if (d and not (epath.Path(d) / "config.json").exists()) or (
+        not d and m.get("require_pretrained", False)):
+      where = f"{d!r} has no config.json" if d else "config.model." + key + " is empty"
+      problems.append(
+          f"pretrained {what} weights are missing ({where}): on a machine with internet run "
+          f"`huggingface-cli download {hf_name} --local-dir weights/{hf_name.split('/')[-1]}` "
+          f"(or any local HF dir with config.json + model.safetensors) and pass "
+          f"--config.model.{key}=weights/{hf_name.split('/')[-1]}")
+  if config.data.name in prepare.REAL_DATASETS and not prepare.make_builder(
+      config.data).is_prepared():
+    problems.append(
+        f"the {config.data.name} dataset is not prepared in {config.data.data_dir}: get the "
+        f"SEPS caption folder and the images, then run `{prepare.prepare_command(config.data)}`")
+  if problems:
+    raise SetupError(
+        "Cannot start training: " + "; ".join(problems) + ". To train from random weights "
+        "instead, pass --config.model.require_pretrained=False; for a run that needs nothing "
+        "downloaded use --config=configs/grm_vit.py:demo.")
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
   from gseps_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
+  preflight(config)
   workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
   if is_main:

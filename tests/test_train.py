@@ -153,16 +153,23 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
   assert ck.restore(abstract, grm_cfg)[1]["step"] == 1
 
 
-def test_missing_dataset_is_one_clear_paragraph(tmp_path):
+def test_missing_data_and_weights_is_one_clear_paragraph(tmp_path):
   from configs import grm_vit
-  from gseps_jax.data import prepare
   c = grm_vit.get_config()
   c.data.data_dir = str(tmp_path / "nothing_here")
-  with pytest.raises(prepare.NotPreparedError) as e:
+  with pytest.raises(trainer.SetupError) as e:
     trainer.train_and_evaluate(c, str(tmp_path / "wd"))
   msg = str(e.value)
+  assert "\n" not in msg.strip()
   assert "flickr30k_karpathy" in msg and "python -m gseps_jax.data.prepare" in msg
   assert str(tmp_path / "nothing_here") in msg
+  assert "google/vit-base-patch16-224-in21k" in msg and "bert-base-uncased" in msg
+  assert "--config.model.vision_hf_dir=" in msg
+  assert not (tmp_path / "wd").exists()  # nothing written before the check
+  # A typo'd weight directory is named.
+  c.model.vision_hf_dir = str(tmp_path / "typo_dir")
+  with pytest.raises(trainer.SetupError, match="typo_dir"):
+    trainer.train_and_evaluate(c, str(tmp_path / "wd"))
 
 
 def test_lr_schedule_and_backbone_multiplier():
