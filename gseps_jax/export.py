@@ -32,11 +32,9 @@ initialised ones) and the optimiser state (an imported checkpoint starts with a 
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import shutil
-import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -48,6 +46,7 @@ import numpy as np
 from etils import epath
 
 from gseps_jax import checkpoint as ckpt_lib
+from gseps_jax import fileio
 from gseps_jax.models import encoders
 from gseps_jax.models import hf_import
 
@@ -152,45 +151,14 @@ def _json_default(x):
   return list(x)
 
 
+atomic_dir = fileio.atomic_dir  # public here too (tests, callers of the export API)
+
+
 def _config_dict(config) -> dict:
   return json.loads(json.dumps(config.to_dict(), default=_json_default))
 
 
-def _absolute(path) -> epath.Path:
-  """`path` as an epath.Path; a local path made absolute (a `gs://` URI already is)."""
-  path = epath.Path(path)
-  return path if "://" in str(path) else path.absolute()
 
-
-@contextlib.contextmanager
-def atomic_dir(out, overwrite: bool = False):
-  """Yields a fresh temporary directory (epath.Path) beside `out`; renames it to `out` on success.
-
-  On any exception the temporary directory is removed and `out` is untouched. An existing
-  non-empty `out` is an error unless `overwrite` (then it is replaced only after success).
-  Goes through epath: `import_official` writes a workdir, which may be on `gs://`.
-  """
-  out = _absolute(out)
-  if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-    raise FileExistsError(f"Output {out} already exists; choose a new --out or pass --overwrite.")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir()
-  try:
-    yield tmp
-    if out.exists():
-      old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-      out.rename(old)
-      tmp.rename(out)
-      old.rmtree() if old.is_dir() else old.unlink()
-    else:
-      tmp.rename(out)
-  except BaseException:
-    try:
-      tmp.rmtree(missing_ok=True)
-    except OSError:  # cleanup is best effort; the original error is the one to report
-      pass
-    raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,7 +371,7 @@ def export_hf(checkpoint, out, *, overwrite: bool = False,
               tokenizer_dir: Optional[str] = None) -> Path:
   """Checkpoint -> hf export directory `out` (see the module docstring). Returns `out`."""
   config, params, step, _ = restore(checkpoint)
-  with atomic_dir(out, overwrite) as tmp:
+  with fileio.atomic_dir(out, overwrite) as tmp:
     write_hf(config, params, step, tmp, tokenizer_dir=tokenizer_dir)
   return Path(out)  # local-path-ok: the hf export is a local HF directory
 
@@ -509,7 +477,7 @@ def export_official(checkpoint, out, *, overwrite: bool = False) -> Path:
   """Checkpoint (SEPS/LAPS) -> `out/model_best.pth` in the official layout. Returns the .pth."""
   _require_official_checkpoint(checkpoint)
   config, params, step, meta = restore(checkpoint)
-  with atomic_dir(out, overwrite) as tmp:
+  with fileio.atomic_dir(out, overwrite) as tmp:
     write_official(config, params, step, tmp, meta)
   return Path(out) / OFFICIAL_FILE  # local-path-ok: torch.save wrote a local file
 
@@ -525,7 +493,7 @@ def export(checkpoint, out, *, format: str = "hf", overwrite: bool = False,  # p
     return export_official(checkpoint, out, overwrite=overwrite).parent
   _require_official_checkpoint(checkpoint)
   config, params, step, meta = restore(checkpoint)
-  with atomic_dir(out, overwrite) as tmp:
+  with fileio.atomic_dir(out, overwrite) as tmp:
     write_official(config, params, step, tmp, meta)
     write_hf(config, params, step, tmp, tokenizer_dir=tokenizer_dir)
   return Path(out)  # local-path-ok: HF / torch exports are local directories
@@ -611,8 +579,8 @@ def import_official(pth, config, out, *, overwrite: bool = False,
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=jax.jit(tx.init)(params))
   meta = {"config": config.to_dict(), "fingerprint": ckpt_lib.fingerprint(config),
-          "official": dict(_extras_summary(extras), source=str(_absolute(pth)))}
-  with atomic_dir(out, overwrite) as tmp:
+          "official": dict(_extras_summary(extras), source=str(fileio.absolute(pth)))}
+  with fileio.atomic_dir(out, overwrite) as tmp:
     (tmp / "config.json").write_text(config.to_json_best_effort(indent=2))
     ckpt = ckpt_lib.Checkpointer(tmp, best_metric=None, async_save=False)
     try:

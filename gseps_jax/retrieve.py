@@ -40,9 +40,7 @@ import functools
 import io
 import json
 import math
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -52,6 +50,7 @@ import numpy as np
 from etils import epath
 
 from gseps_jax import checkpoint as ckpt_lib
+from gseps_jax import fileio
 
 INDEX_FORMAT = "gseps_jax.index/1"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -358,16 +357,6 @@ class Index:
     return self.meta.get("captions")
 
 
-def _absolute(path) -> epath.Path:
-  """`path` as an epath.Path; a local path made absolute (a `gs://` URI already is)."""
-  path = epath.Path(path)
-  return path if _is_remote(path) else path.absolute()
-
-
-def _is_remote(path: epath.Path) -> bool:
-  return "://" in str(path)
-
-
 def _save_tree(directory: epath.Path, prefix: str, tree: dict) -> list[str]:
   files = []
   for key, value in sorted(tree.items()):
@@ -387,7 +376,7 @@ def _load_tree(directory: epath.Path, files: Sequence[str], prefix: str) -> dict
     # Memory-map local indexes (only pages that are touched get read); a gs:// file cannot be
     # mapped, so it is read whole.
     out[name[len(prefix) + 1:-len(".npy")]] = (
-        np.load(io.BytesIO(p.read_bytes())) if _is_remote(p) else np.load(p, mmap_mode="r"))
+        np.load(io.BytesIO(p.read_bytes())) if fileio.is_remote(p) else np.load(p, mmap_mode="r"))
   return out
 
 
@@ -422,7 +411,7 @@ def build_index(retriever: Retriever, source: ImageSource, out, *, checkpoint: s
     The index directory.
   """
   config = retriever.config
-  out = _absolute(out)
+  out = fileio.absolute(out)
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} exists; pass --overwrite to replace it.")
   mode, note = dense_mode_for(config, source)
@@ -437,10 +426,7 @@ def build_index(retriever: Retriever, source: ImageSource, out, *, checkpoint: s
   caption_feats = retriever.encode_texts(captions) if captions else None
   cpi = len(captions) // len(source) if captions else None
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir()
-  try:
+  with fileio.atomic_dir(out, overwrite=overwrite) as tmp:
     files = {"image": _save_tree(tmp, "image", image_feats)}
     if dense_feats is not None:
       files["dense"] = _save_tree(tmp, "dense", dense_feats)
@@ -451,7 +437,7 @@ def build_index(retriever: Retriever, source: ImageSource, out, *, checkpoint: s
         "model": config.model.name,
         "fingerprint": ckpt_lib.fingerprint(config),
         "preprocess": {k: _plain(_get(config, k)) for k in PREPROCESS_KEYS},
-        "checkpoint": str(_absolute(checkpoint)) if checkpoint else "",
+        "checkpoint": str(fileio.absolute(checkpoint)) if checkpoint else "",
         "checkpoint_step": step,
         "weights": weights_summary(retriever.params),
         "source": source.description,
@@ -465,19 +451,6 @@ def build_index(retriever: Retriever, source: ImageSource, out, *, checkpoint: s
         "config": json.loads(config.to_json_best_effort()),
     }
     (tmp / "index.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-      old = out.with_name(f".{out.name}.old-{os.getpid()}")
-      out.rename(old)
-      tmp.rename(out)
-      old.rmtree()
-    else:
-      tmp.rename(out)
-  except BaseException:
-    try:
-      tmp.rmtree(missing_ok=True)
-    except OSError:  # cleanup is best effort; the original error is the one to report
-      pass
-    raise
   return out
 
 
