@@ -105,10 +105,6 @@ def check_model_type(config) -> str:
 def build_model(model_cfg) -> nn.Module:
   """The Linen model of `model_cfg` (`models.build_model`)."""
   from gseps_jax import models  # pylint: disable=g-import-not-at-top
-  from gseps_jax.models import grm  # pylint: disable=g-import-not-at-top
-  # Until grm.GRM has the `from_config` constructor models.build_model calls, build it directly.
-  if model_cfg.name == "grm" and not hasattr(grm.GRM, "from_config"):
-    return grm.GRM(config=model_cfg)
   return models.build_model(model_cfg)
 
 
@@ -173,32 +169,16 @@ def restore(checkpoint) -> tuple[Any, dict, int, dict]:
     FileNotFoundError: the path does not exist or holds no checkpoint.
     ExportError: the config's model type is not exportable.
   """
-  from gseps_jax import optim  # pylint: disable=g-import-not-at-top
+  from gseps_jax import sharding  # pylint: disable=g-import-not-at-top
   from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
   if not epath.Path(checkpoint).exists():
     raise FileNotFoundError(f"Checkpoint path {checkpoint} does not exist; pass a training "
                             f"workdir or WORKDIR/checkpoints/STEP.")
-  config, step, meta = ckpt_lib.load_config_from_checkpoint(checkpoint)
+  config, _, meta = ckpt_lib.load_config_from_checkpoint(checkpoint)
   check_model_type(config)
-  model = build_model(config.model)
-  params_shape = abstract_params(config, model)
-  tx, _, _ = optim.make_optimizer(config.optim, 1, params_shape)
-  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-  abstract = jax.eval_shape(lambda p: trainer.TrainState(
-      step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)), params_shape)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
-                          abstract)
-  workdir, _ = ckpt_lib.resolve(checkpoint)
-  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True, best_metric=None, async_save=False)
-  try:
-    restored = ckpt.restore(abstract, config, step=step)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"No readable checkpoint in {workdir}.")
-  state, meta = restored
-  params = jax.tree.map(np.asarray, jax.device_get(state.params))
-  return config, params, int(state.step), meta
+  cpu_mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices(backend="cpu")[:1])
+  config, _, params, step = trainer.restore_params(checkpoint, cpu_mesh, config)
+  return config, jax.tree.map(np.asarray, jax.device_get(params)), step, meta
 
 
 # ----------------------------------------------------------------------------------------------
