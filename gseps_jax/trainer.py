@@ -158,6 +158,15 @@ def _load_pretrained(config) -> dict:
   return out
 
 
+def _all_agree_to_stop(stop: bool) -> bool:
+  """Stop when ANY process wants to (a signal or the time budget reaches hosts at different
+  steps): every process must leave the loop at the same step or the next collective hangs."""
+  if jax.process_count() == 1:
+    return stop
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
+
+
 def _check_finite(step, metrics):
   loss = float(metrics["loss"])
   if not math.isfinite(loss):
@@ -257,15 +266,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t0 = time.time()
     last = {}
     progress = _progress(start_step, total_steps, is_main)
-    step = start_step
     try:
       for step in range(start_step, total_steps):
         local = next(data)
         batch = sharding.global_batch(local, mesh)
         state, metrics = step_fn(state, batch, train_rng)
         done = step + 1
-        stop = bool(signals) or (config.train.max_minutes > 0 and
-                                 (time.time() - t0) / 60 > config.train.max_minutes)
+        stop = _all_agree_to_stop(bool(signals) or (
+            config.train.max_minutes > 0 and (time.time() - t0) / 60 > config.train.max_minutes))
         evaluate_now = (evaluator is not None and done % eval_every == 0 and
                         done != total_steps and not stop)
         save_now = (done % config.checkpoint.every_steps == 0 or evaluate_now or stop or
@@ -308,8 +316,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       final = eval_lib.Evaluator(config, model, mesh, split=split).run(state.params)
       writer.write(final_step, final, f"{split}/")
       results[split] = final
-      if is_main:
-        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+      if is_main:  # written whole or not at all
+        tmp = workdir / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.rename(workdir / "results.json")
         print(eval_lib.format_table(final, title=f"{config.model.name} {split} "
                                     f"(step {final_step})"))
     writer.close()
