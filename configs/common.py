@@ -128,13 +128,24 @@ def base_config():
   return c
 
 
-def use_tiny_data(c):
-  """`:tiny` runs anywhere: a 64-image generated set at 64 px (built on first use)."""
+def use_tiny(c):
+  """`:tiny`, shared by every model family: random 2-layer encoders (width 64) on 64 px images of
+  a 64-image generated set (built on first use), batch 8, 2 steps — CPU tests and smoke runs."""
+  c.model.vision = ml_collections.ConfigDict(
+      VIT_TINY if c.model.vision.model_type == "vit" else SWIN_TINY)
+  c.model.text = ml_collections.ConfigDict(BERT_TINY)
+  c.model.embed_dim = 32
   c.model.require_pretrained = False
+  c.data.image_size = 64
+  c.data.max_len = 16
   c.data.name = "synthetic_regions"
   c.data.synthetic.update(dict(num_train=64, num_dev=16, num_test=16, image_size=64, seed=0))
   c.data.data_dir = "data_cache/tfds"
+  c.train.batch_size = 8
+  c.train.max_steps = 2
   c.train.eval_every = 0
+  c.eval.batch_size = 8
+  c.eval.chunk = 8
 
 
 def use_demo(c, image_size=32):

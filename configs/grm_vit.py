@@ -52,19 +52,9 @@ def apply_variants(c, flags, kv):
     c.model.vision.image_size = 384
     c.data.image_size = 384
   if "tiny" in flags:
-    c.model.vision = ml_collections.ConfigDict(
-        common.VIT_TINY if c.model.vision.model_type == "vit" else common.SWIN_TINY)
-    c.model.text = ml_collections.ConfigDict(common.BERT_TINY)
-    c.model.embed_dim = 32
+    common.use_tiny(c)
     c.model.grm.phi_width = 16
     c.model.grm.num_regions = min(c.model.grm.num_regions, 4)
-    c.data.image_size = 64
-    c.data.max_len = 16
-    c.train.batch_size = 8
-    c.train.max_steps = 2
-    common.use_tiny_data(c)
-    c.eval.batch_size = 8
-    c.eval.chunk = 8
   if "demo" in flags:
     # Embedded demo (common.use_demo), trained with InfoNCE: the hinge's hardest negatives learn
     # slowly from a cold start (platform.md).

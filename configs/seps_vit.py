@@ -47,19 +47,9 @@ def apply_variants(c, flags, kv):
     c.model.vision.image_size = 384
     c.data.image_size = 384
   if "tiny" in flags:
-    c.model.vision = ml_collections.ConfigDict(
-        common.VIT_TINY if c.model.vision.model_type == "vit" else common.SWIN_TINY)
-    c.model.text = ml_collections.ConfigDict(common.BERT_TINY)
-    c.model.embed_dim = 32
-    c.data.image_size = 64
-    c.data.max_len = 16
+    common.use_tiny(c)
     c.data.dense_max_len = 24
     c.model.seps.eval_text_cut = 20
-    c.train.batch_size = 8
-    c.train.max_steps = 2
-    common.use_tiny_data(c)
-    c.eval.batch_size = 8
-    c.eval.chunk = 8
   if "demo" in flags:
     # Embedded demo, as configs/grm_vit.py:demo: generated shapes at 32 px (dense captions
     # included, also for dev), a 3-layer ViT from scratch, the pretrained MiniLM text tower
