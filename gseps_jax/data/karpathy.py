@@ -230,6 +230,20 @@ def coco_1k_folds(num_images: int = 5000, fold_size: int = 1000) -> list[range]:
   return [range(s, s + fold_size) for s in range(0, num_images, fold_size)]
 
 
+def example_features(**extra) -> dict:
+  """The per-image example every builder writes (the pipeline reads only these), plus `extra`."""
+  return {
+      "image": tfds.features.Image(encoding_format="jpeg"),
+      "index": np.int32,
+      "image_id": tfds.features.Text(),
+      "file_name": tfds.features.Text(),
+      "captions": tfds.features.Sequence(tfds.features.Text(), length=CAPTIONS_PER_IMAGE),
+      "dense_caption": tfds.features.Text(),
+      "has_dense": np.bool_,
+      **extra,
+  }
+
+
 class _KarpathyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared logic; subclasses set SPLIT_FILES and the description."""
 
@@ -252,15 +266,7 @@ class _KarpathyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "index": np.int32,
-            "image_id": tfds.features.Text(),
-            "file_name": tfds.features.Text(),
-            "captions": tfds.features.Sequence(tfds.features.Text(), length=CAPTIONS_PER_IMAGE),
-            "dense_caption": tfds.features.Text(),
-            "has_dense": np.bool_,
-        }),
+        features=tfds.features.FeaturesDict(example_features()),
         # Split order = file order: evaluation pairs caption 5k+j with image k.
         disable_shuffling=True,
         homepage="https://github.com/Sweet4tars/seps",

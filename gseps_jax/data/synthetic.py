@@ -27,6 +27,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from gseps_jax.data import karpathy
+
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {
     "red": (220, 40, 40),
@@ -349,18 +351,9 @@ class SyntheticRegions(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "index": np.int32,
-            "image_id": tfds.features.Text(),
-            "file_name": tfds.features.Text(),
-            "captions": tfds.features.Sequence(tfds.features.Text(), length=5),
-            "dense_caption": tfds.features.Text(),
-            "has_dense": np.bool_,
-            "scene": tfds.features.Text(),
-            "hard_negative": np.int32,
-            "difference": tfds.features.Text(),
-        }),
+        features=tfds.features.FeaturesDict(karpathy.example_features(
+            scene=tfds.features.Text(), hard_negative=np.int32,
+            difference=tfds.features.Text())),
         disable_shuffling=True,
     )
 
