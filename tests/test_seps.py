@@ -206,6 +206,27 @@ def test_score_parity_cut_and_caption_image():
     m.apply(v, *feats, dense_mode="parity", method=m.score)
 
 
+@pytest.mark.parametrize("chunk,use_sparse", [((2, 3), True), (None, True), ((4, 2), False)])
+def test_parity_dense_index_equals_repeated_dense_captions(chunk, use_sparse):
+  """Scoring each distinct dense caption once (dense_index) == the official repeated layout."""
+  rng = np.random.default_rng(11)
+  ni, nc = 4, 9
+  img, cap, cl, den, dl = _data(rng, ni, 17, nc, 6, ni, 9)
+  gt = rng.integers(0, ni, size=nc)
+  params = _f32(_random_aggr(rng))
+  head = seps.SEPSHead(num_aggregated=N_C, rho=0.5, dense_mode="parity", use_sparse=use_sparse)
+  f = lambda *a, **kw: head.apply({"params": params}, *a, chunk=chunk, **kw)
+  args = (_f32(img), _f32(cap), _mask(cl, 6))
+  repeated = f(*args, _f32(den)[gt], _mask(dl, 9)[gt])
+  shared = f(*args, _f32(den), _mask(dl, 9), dense_index=jnp.asarray(gt))
+  np.testing.assert_allclose(np.asarray(shared), np.asarray(repeated), atol=1e-6, rtol=0)
+  want = ref.seps_scores(img, cap, cl, den[gt], dl[gt], _ref_params(params["aggr_net"]), 0.5,
+                         mode="parity", use_sparse=use_sparse)
+  np.testing.assert_allclose(np.asarray(shared), want, atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="dense_index must be"):
+    f(*args, _f32(den), _mask(dl, 9), dense_index=jnp.asarray(gt[:-1]))
+
+
 @pytest.fixture(scope="module")
 def tiny_official():
   c = seps_swin.get_config("tiny")

@@ -14,11 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gseps_jax.models import layers
+
 Dtype = Any
 
 # Exact (erf) GELU is what HF calls "gelu"; the tanh form has its own names there.
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": layers.gelu,
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,
@@ -61,8 +63,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   if dropout_rng is not None and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = layers.dropout(probs, dropout_rate, dropout_rng)
   return jnp.einsum("...hqk,...khd->...qhd", probs.astype(value.dtype), value)
 
 
@@ -112,7 +113,7 @@ class DenseDropout(nn.Module):
   @nn.compact
   def __call__(self, x, *, train):
     x = dense_layer(self.features, "dense", self.dtype)(x)
-    return nn.Dropout(self.dropout)(x, deterministic=not train)
+    return layers.Dropout(self.dropout)(x, deterministic=not train)
 
 
 class _DenseLayerNorm(nn.Module):
@@ -125,7 +126,7 @@ class _DenseLayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x, residual, *, train):
     x = dense_layer(self.features, "dense", self.dtype)(x)
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = layers.Dropout(self.dropout)(x, deterministic=not train)
     return layer_norm(self.layer_norm_eps, "LayerNorm", self.dtype)(x + residual)
 
 
@@ -198,7 +199,7 @@ class _BertEmbeddings(nn.Module):
     x = x + embed(self.max_position_embeddings, "position_embeddings")(
         jnp.arange(length)[None, :])
     x = layer_norm(self.layer_norm_eps, "LayerNorm", self.dtype)(x)
-    return nn.Dropout(self.dropout)(x, deterministic=not train)
+    return layers.Dropout(self.dropout)(x, deterministic=not train)
 
 
 class _BertEncoder(nn.Module):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from gseps_jax import losses
 from gseps_jax.models import encoders
+from gseps_jax.models import layers
 from gseps_jax.models.similarity import l2_normalize, token_similarity, token_similarity_multi
 
 LEVELS = ("ori", "key", "unc")
@@ -73,7 +74,7 @@ class SaliencyAdapter(nn.Module):
     d = tokens.shape[-1]
     h = nn.LayerNorm(dtype=self.dtype, name="norm")(tokens)
     h = nn.Dense(max(1, d // 4), dtype=self.dtype, name="fc1")(h)
-    h = nn.gelu(h, approximate=False)
+    h = layers.gelu(h)
     logits = nn.Dense(2, dtype=self.dtype, name="fc2")(h)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, L, 2]
     prob = jnp.exp(logp[..., 0])
@@ -233,7 +234,7 @@ class RegionUncertainty(nn.Module):
       u: `[B, K, D]` region tokens; logvar: `[B, K, D]` float32.
     """
     h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(means)
-    h = nn.gelu(h, approximate=False)
+    h = layers.gelu(h)
     logvar = nn.Dense(means.shape[-1], dtype=self.dtype, name="fc2")(h).astype(jnp.float32)
     logvar = jnp.clip(logvar, self.logvar_min, self.logvar_max)
     if not train:

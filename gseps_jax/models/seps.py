@@ -50,6 +50,7 @@ Selection gradients (`selection`):
     one, so the surrogate stays finite.
 """
 
+import functools
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -60,6 +61,7 @@ from jax import lax
 import numpy as np
 
 from gseps_jax.models import encoders
+from gseps_jax.models import layers
 from gseps_jax.models import hf_import
 
 DENSE_MODES = ("parity", "honest")
@@ -282,7 +284,8 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
                 use_sparse: bool = True, use_dense: bool = True, dense_mode: str = "honest",
                 selection: str = "official", st_temperature: float = 0.05,
                 chunk: Union[None, int, Sequence[int]] = None,
-                precision=lax.Precision.HIGHEST) -> Array:
+                precision=lax.Precision.HIGHEST,
+                dense_index: Optional[Array] = None) -> Array:
   """All-pairs SEPS scores, tiled over the pair grid.
 
   Args:
@@ -292,6 +295,11 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
       "parity" mode, Ni (image-aligned) in "honest" mode. Unused if `use_dense` is False.
     k: kept patches per selection.
     chunk: pair tile (images, captions); an int is used for both; None = one tile.
+    dense_index: "parity" mode only: [Nc] int, caption j's row of `dense`, which then holds only
+      the Nd distinct dense captions. The parity dense branch of (image, caption j) depends on
+      the dense caption alone, so it is scored once per distinct dense caption ([Ni, Nd]) and
+      gathered; the official evaluation repeats each image's dense caption for its 5 captions,
+      which is 5x the dense work for the same scores.
   Returns:
     [Ni, Nc] float32 scores (row = image, column = caption).
   """
@@ -302,6 +310,22 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
   if selection not in SELECTIONS:
     raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
   ni, nc = img["x"].shape[0], cap["words"].shape[0]
+  if dense_index is not None:
+    if not (use_dense and dense_mode == "parity"):
+      raise ValueError("dense_index is for the parity dense branch (dense_mode='parity', "
+                       "use_dense=True) only.")
+    if dense is None:
+      raise ValueError("The dense branch is on but no dense-caption features were given.")
+    if tuple(dense_index.shape) != (nc,):
+      raise ValueError(f"dense_index must be [Nc] = [{nc}] (caption j's dense-caption row), "
+                       f"got shape {tuple(dense_index.shape)}.")
+    # Each branch is the same per-pair computation with its own text; score the dense one on
+    # the distinct dense captions only. s + d is the sum the single pass computes (0 + s + d).
+    one_branch = functools.partial(pair_scores, k=k, use_sparse=True, use_dense=False,
+                                   selection=selection, st_temperature=st_temperature,
+                                   chunk=chunk, precision=precision)
+    d = jnp.take(one_branch(img, dense), dense_index, axis=1)
+    return one_branch(img, cap) + d if use_sparse else d
   if use_dense:
     if dense is None:
       raise ValueError("The dense branch is on but no dense-caption features were given.")
@@ -387,7 +411,7 @@ class AggregationNet(nn.Module):
     hidden = int(x.shape[-1] * self.dim_ratio)
     h = nn.LayerNorm(epsilon=AGGR_LN_EPS, use_fast_variance=False, name="norm")(x)
     h = nn.Dense(hidden, precision=lax.Precision.HIGHEST, name="fc1")(h)
-    h = nn.gelu(h, approximate=False)
+    h = layers.gelu(h)
     h = nn.Dense(self.num_out, precision=lax.Precision.HIGHEST, name="fc2")(h)
     scale = self.param("scale", nn.initializers.ones, (), jnp.float32)
     return h * scale
@@ -450,7 +474,8 @@ class SEPSHead(nn.Module):
 
   def __call__(self, img_tokens: Array, cap_tokens: Array, cap_mask: Array,
                dense_tokens: Optional[Array] = None, dense_mask: Optional[Array] = None, *,
-               dense_mode: Optional[str] = None, chunk=None) -> Array:
+               dense_mode: Optional[str] = None, chunk=None,
+               dense_index: Optional[Array] = None) -> Array:
     """Scores every (image, caption) pair.
 
     Args:
@@ -460,6 +485,8 @@ class SEPSHead(nn.Module):
         caption j's dense caption) or Ni ("honest", image i's dense caption).
       dense_mode: overrides the attribute (e.g. evaluate a parity-trained model honestly).
       chunk: pair tile, see `pair_scores`.
+      dense_index: parity mode: [Nc] row of caption j's dense caption in `dense_tokens`, which
+        then holds each distinct dense caption once (see `pair_scores`).
     Returns:
       [Ni, Nc] scores.
     """
@@ -474,7 +501,7 @@ class SEPSHead(nn.Module):
     return pair_scores(img, cap, dense, k=num_kept(n, self.rho), use_sparse=self.use_sparse,
                        use_dense=self.use_dense, dense_mode=dense_mode or self.dense_mode,
                        selection=self.selection, st_temperature=self.st_temperature, chunk=chunk,
-                       precision=_PRECISIONS[self.precision])
+                       precision=_PRECISIONS[self.precision], dense_index=dense_index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,7 +632,7 @@ class SEPS(nn.Module):
     if mode not in DENSE_MODES:
       raise ValueError(f"dense_mode must be one of {DENSE_MODES}, got {mode!r}.")
     cap_tok, cap_mask = txt_feats["tokens"], txt_feats["mask"]
-    d_tok = d_mask = None
+    d_tok = d_mask = dense_index = None
     if self.use_dense:
       if dense_feats is None:
         raise ValueError("This SEPS model has a dense branch: score() needs dense_feats.")
@@ -614,14 +641,16 @@ class SEPS(nn.Module):
         if caption_image is None:
           raise ValueError("dense_mode='parity' pairs each caption with its ground-truth "
                            "image's dense caption: pass caption_image [Nc].")
-        d_tok, d_mask = d_tok[caption_image], d_mask[caption_image]
+        # Each image's dense caption is scored once and shared by its captions (the scores
+        # equal gathering d_tok[caption_image]; see `pair_scores(dense_index=...)`).
+        dense_index = jnp.asarray(caption_image)
     if mode == "parity" and self.eval_text_cut > 0:
       cut = self.eval_text_cut
       cap_mask = cap_mask & (jnp.arange(cap_mask.shape[1]) < cut)
       if d_mask is not None:
         d_mask = d_mask & (jnp.arange(d_mask.shape[1]) < cut)
     return self.cross_net(img_feats["tokens"], cap_tok, cap_mask, d_tok, d_mask,
-                          dense_mode=mode, chunk=chunk)
+                          dense_mode=mode, chunk=chunk, dense_index=dense_index)
 
 
 # ----------------------------------------------------------------------------------------------

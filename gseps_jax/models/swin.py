@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gseps_jax.models import layers
 from gseps_jax.models.bert import (DenseDropout, Intermediate, dense_layer, dot_product_attention,
                                    layer_norm)
 from gseps_jax.models.vit import PatchEmbeddings, pair
@@ -165,8 +166,8 @@ def _drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax
   """Stochastic depth: drops the whole residual branch per sample, `[B, ...]`."""
   if not train or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, (x.shape[0],) +
-                              (1,) * (x.ndim - 1))
+  keep = layers.keep_mask(module.make_rng("dropout"), 1.0 - rate,
+                          (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
@@ -259,7 +260,7 @@ class _SwinEmbeddings(nn.Module):
         raise ValueError(f"Swin absolute position embeddings cover {pos.shape[1]} patches but the "
                          f"input has {gh}x{gw}; use the pretraining image size.")
       x = x + pos.astype(self.dtype)
-    return nn.Dropout(self.dropout)(x, deterministic=not train), (gh, gw)
+    return layers.Dropout(self.dropout)(x, deterministic=not train), (gh, gw)
 
 
 class Swin(nn.Module):

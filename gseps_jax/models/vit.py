@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gseps_jax.models import layers
 from gseps_jax.models.bert import DenseDropout, Intermediate, SelfAttention, layer_norm
 
 Dtype = Any
@@ -109,7 +110,7 @@ class _ViTEmbeddings(nn.Module):
     x = x.reshape(b, gh * gw, d)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
     x = x + interpolate_pos_encoding(pos, (gh, gw)).astype(self.dtype)
-    return nn.Dropout(self.dropout)(x, deterministic=not train)
+    return layers.Dropout(self.dropout)(x, deterministic=not train)
 
 
 class PatchEmbeddings(nn.Module):
