@@ -18,12 +18,16 @@ Sections:
   score  SEPS all-pairs scoring, official `VSEModel.forward_sim` -> `CrossSparseAggrNet_v2`
          (eval, no_grad) vs our `SEPSHead` (parity mode), ViT-224 token counts (197 image tokens,
          32-token captions, 90-token dense captions, D=512), same random features, aggregation-net
-         weights copied across; prints the max abs difference of the two score matrices.
+         weights copied across; prints the max abs difference of the two score matrices. One
+         dense caption per image, fed to the official code repeated per caption as its data
+         loader does, and to ours once per image (`dense_index`; --repeat_dense: repeated too).
   train  one full training step (forward, backward, grad clip, AdamW) of the official VSEModel vs
          our SEPS `trainer.train_step`, identical reduced configs (ViT and BERT 4 layers, width 256,
          112 px, batch 32), random weights; and our GRM step against our SEPS step.
-  grm    GRM all-pairs kernel (`similarity.token_similarity`) vs a straightforward PyTorch version
-         of the same formula (full einsum, then masked max/mean) on the same inputs.
+  grm    GRM all-pairs kernel (`similarity.token_similarity`, with token-length buckets) vs a
+         straightforward PyTorch version of the same formula (full einsum, then masked max/mean)
+         on the same inputs (key-level-like image masks keeping ~70% of 197 tokens, caption
+         lengths uniform in 8..32). The XLA FLOP count printed is of the unbucketed kernel.
 """
 
 import argparse
@@ -47,9 +51,14 @@ def _parse(argv=None):
   p.add_argument("--captions", type=int, default=640, help="score: captions (each with a dense "
                  "caption, parity mode)")
   p.add_argument("--chunk", default="32,128", help="score: our pair tile 'images,captions'")
+  p.add_argument("--repeat_dense", action="store_true", help="score: give ours the official "
+                 "caption-aligned dense layout too (each image's dense caption repeated for its "
+                 "captions) instead of each distinct dense caption once")
   p.add_argument("--grm_images", type=int, default=128)
   p.add_argument("--grm_captions", type=int, default=640)
-  p.add_argument("--grm_chunk", default="32,128", help="grm: our pair tile")
+  p.add_argument("--grm_chunk", default="16,64", help="grm: our pair tile")
+  p.add_argument("--grm_buckets", type=int, default=8, help="grm: token-length buckets of our "
+                 "kernel (similarity.token_similarity(buckets=...)); 1 = off")
   p.add_argument("--torch_block", type=int, default=16, help="grm: images per torch einsum "
                  "block (bounds its [block, Nc, 197, 32] intermediate)")
   p.add_argument("--batch", type=int, default=32, help="train: batch size")
@@ -130,9 +139,13 @@ def bench_score(args, vse, cross_net_mod):
   rng = np.random.default_rng(0)
   img = rng.standard_normal((ni, n_tok, d), np.float32)
   cap = rng.standard_normal((nc, l_cap, d), np.float32)
-  den = rng.standard_normal((nc, l_den, d), np.float32)
+  # One dense caption per image, as in the data: the official loader repeats it for each of the
+  # image's captions (lib/image_caption.py: `long_captions` repeated 5x), so its forward_sim gets
+  # a caption-aligned [Nc, ...] tensor; ours gets each once plus caption j's row (dense_index).
+  den = rng.standard_normal((ni, l_den, d), np.float32)
+  den_len = _lens(rng, ni, 40, l_den)
+  cap_img = (np.arange(nc) * ni) // nc  # caption j's image: Nc / Ni consecutive captions each
   cap_len = _lens(rng, nc, 8, l_cap)
-  den_len = _lens(rng, nc, 40, l_den)
   pos = lambda L: np.arange(L)[None]
   cap_mask = pos(l_cap) < cap_len[:, None]
   den_mask = pos(l_den) < den_len[:, None]
@@ -141,8 +154,8 @@ def bench_score(args, vse, cross_net_mod):
   torch.manual_seed(0)
   net = cross_net_mod.CrossSparseAggrNet_v2(opt).to(DEV).eval()
   holder = type("Holder", (), {"cross_net": net})()  # forward_sim only reads self.cross_net
-  t_img, t_cap, t_den = (torch.from_numpy(a).to(DEV) for a in (img, cap, den))
-  t_cl, t_dl = torch.from_numpy(cap_len).to(DEV), torch.from_numpy(den_len).to(DEV)
+  t_img, t_cap, t_den = (torch.from_numpy(a).to(DEV) for a in (img, cap, den[cap_img]))
+  t_cl, t_dl = torch.from_numpy(cap_len).to(DEV), torch.from_numpy(den_len[cap_img]).to(DEV)
 
   def off_run():
     with torch.no_grad():
@@ -154,8 +167,13 @@ def bench_score(args, vse, cross_net_mod):
                            dense_mode="parity")
   params = {"aggr_net": jax.tree.map(jnp.asarray, _official.aggr_net_to_ours(net.aggr_net))}
   chunk = _pair(args.chunk)
-  score = jax.jit(lambda p, *a: head.apply({"params": p}, *a, chunk=chunk))
-  j_args = [jnp.asarray(a) for a in (img, cap, cap_mask, den, den_mask)]
+  if args.repeat_dense:  # ours on the official caption-aligned layout (no sharing)
+    j_args = [jnp.asarray(a) for a in (img, cap, cap_mask, den[cap_img], den_mask[cap_img])]
+    score = jax.jit(lambda p, *a: head.apply({"params": p}, *a, chunk=chunk))
+  else:
+    j_args = [jnp.asarray(a) for a in (img, cap, cap_mask, den, den_mask, cap_img)]
+    score = jax.jit(lambda p, *a: head.apply({"params": p}, *a[:5], chunk=chunk,
+                                              dense_index=a[5]))
 
   def ours_run():
     return score(params, *j_args).block_until_ready()
@@ -171,14 +189,17 @@ def bench_score(args, vse, cross_net_mod):
   pairs = ni * nc
   m_off, m_ours = float(np.median(t_off)), float(np.median(t_ours))
   ratio = m_off / m_ours
-  print(f"[score] {ni} images x {nc} captions (+{nc} dense), N_c={net.keeped_patches}: "
+  layout = ("caption-aligned (repeated)" if args.repeat_dense else
+            f"{ni} distinct, shared via dense_index")
+  print(f"[score] {ni} images x {nc} captions, dense captions: official {nc} caption-aligned, "
+        f"ours {layout}; N_c={net.keeped_patches}: "
         f"official {m_off:.3f} s ({pairs / m_off:,.0f} pairs/s), ours {m_ours:.3f} s "
         f"({pairs / m_ours:,.0f} pairs/s), chunk {chunk} -> {_verdict(ratio, TARGETS['score'])}")
   # Achieved FLOP/s of ours from XLA's own count (one untiled tile of the same shapes).
   return {"images": ni, "captions": nc, "max_abs_diff": diff, "official_s": t_off,
           "ours_s": t_ours, "official_median_s": m_off, "ours_median_s": m_ours, "ratio": ratio,
           "pairs_per_s_official": pairs / m_off, "pairs_per_s_ours": pairs / m_ours,
-          "chunk": chunk}
+          "chunk": chunk, "repeat_dense": bool(args.repeat_dense)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,7 +339,8 @@ def bench_grm(args):
   jx, jxm, jy, jym = (jnp.asarray(a) for a in (x, xm, y, ym))
 
   def ours_run():
-    return similarity.token_similarity(jx, jxm, jy, jym, chunk=chunk).block_until_ready()
+    return similarity.token_similarity(jx, jxm, jy, jym, chunk=chunk,
+                                       buckets=args.grm_buckets).block_until_ready()
 
   diff = float(np.max(np.abs(off_run().cpu().numpy() - np.asarray(ours_run()))))
   t_off, t_ours = interleaved(off_run, ours_run, args.reps)
@@ -331,10 +353,10 @@ def bench_grm(args):
   print(f"[grm] kernel {ni} x {nc} (197 x 32 tokens): max |torch - ours| = {diff:.3g}; "
         f"torch formula {m_off:.3f} s ({pairs / m_off:,.0f} pairs/s), ours {m_ours:.3f} s "
         f"({pairs / m_ours:,.0f} pairs/s; {flops / m_ours / 1e9:.1f} GFLOP/s XLA-counted), "
-        f"chunk {chunk} -> {_verdict(ratio, TARGETS['grm'])}")
+        f"chunk {chunk}, buckets {args.grm_buckets} -> {_verdict(ratio, TARGETS['grm'])}")
   return {"images": ni, "captions": nc, "max_abs_diff": diff, "official_s": t_off,
           "ours_s": t_ours, "official_median_s": m_off, "ours_median_s": m_ours,
-          "ratio": ratio, "xla_flops": flops, "chunk": chunk}
+          "ratio": ratio, "xla_flops": flops, "chunk": chunk, "buckets": args.grm_buckets}
 
 
 def main(args):

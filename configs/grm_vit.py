@@ -38,6 +38,10 @@ def grm_defaults(num_regions: int) -> ml_collections.ConfigDict:
       learn_temperature=False,  # a 'log_temperature' param in the model (InfoNCE); see infonce
       init_temperature=0.07,
       train_chunk=0,  # pair tile of the in-batch kernel; 0 = one tile
+      # Evaluation kernel: token-length buckets per side (similarity.token_similarity); tiles
+      # skip padding tokens (COCO captions fill ~13 of 32 positions); 1 = off. Compiles up to
+      # eval_buckets^2 tile variants per kernel call.
+      eval_buckets=8,
   ))
 
 
@@ -55,11 +59,13 @@ def apply_variants(c, flags, kv):
     common.use_tiny(c)
     c.model.grm.phi_width = 16
     c.model.grm.num_regions = min(c.model.grm.num_regions, 4)
+    c.model.grm.eval_buckets = 2  # exercised by the tests, cheap to compile
   if "demo" in flags:
     # Embedded demo (common.use_demo), trained with InfoNCE: the hinge's hardest negatives learn
     # slowly from a cold start (platform.md).
     common.use_demo(c, 32)
     c.model.grm.num_regions = 4
+    c.model.grm.eval_buckets = 2  # 32-px images: few tokens; keep the CPU compile short
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
     c.eval.chunk = 100

@@ -18,7 +18,8 @@ from gseps_jax.models import similarity
 # values are the same). Only a top-level jit takes compiler options.
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 token_similarity = jax.jit(similarity.token_similarity,
-                           static_argnames=("direction", "chunk", "compute_dtype", "precision"),
+                           static_argnames=("direction", "chunk", "compute_dtype", "precision",
+                                            "buckets"),
                            compiler_options=FAST)
 
 
@@ -209,3 +210,34 @@ def test_multi_mask_kernel_equals_separate_calls():
       for k, (xm, ym) in enumerate(((xm1, ym1), (xm2, ym2))):
         want = token_similarity(x, xm, y, ym, direction=direction, chunk=chunk)
         np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["x2y", "y2x", "both"])
+@pytest.mark.parametrize("chunk,buckets", [((3, 2), 3), (None, 2), ((2, 4), 4)])
+def test_length_buckets_match_numpy_double_loop(direction, chunk, buckets):
+  """Buckets (valid tokens packed first, items sorted by count, per-tile cut) change no score."""
+  x, xm, y, ym = ragged(4, bx=9, by=11, lx=10, ly=7)
+  rng = np.random.default_rng(9)
+  xm &= rng.random(xm.shape) < 0.8  # scattered (non-prefix) x masks
+  ym = np.arange(7)[None] < rng.integers(0, 8, size=11)[:, None]  # prefix masks, some empty
+  got = token_similarity(x, xm, y, ym, direction=direction, chunk=chunk, buckets=buckets)
+  np.testing.assert_allclose(np.asarray(got), numpy_reference(x, xm, y, ym, direction),
+                             atol=2e-6)
+
+
+def test_length_buckets_gradients_multi_and_errors():
+  x, xm, y, ym = ragged(5)
+  f = lambda bk: jax.grad(lambda x, y: jnp.sum(jnp.sin(similarity.token_similarity(
+      x, xm, y, ym, chunk=(3, 2), buckets=bk))), (0, 1))(x, y)
+  for a, b in zip(f(1), f(3)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  masks = ((xm, np.ones_like(xm)), (ym, ym))
+  np.testing.assert_allclose(
+      np.asarray(similarity.token_similarity_multi(x, masks[0], y, masks[1], chunk=2,
+                                                   buckets=3)),
+      np.asarray(similarity.token_similarity_multi(x, masks[0], y, masks[1], chunk=2)),
+      atol=1e-6)
+  assert similarity._bucket_lengths(197, 8) == (25, 50, 74, 99, 124, 148, 173, 197)  # pylint: disable=protected-access
+  assert similarity._bucket_lengths(3, 8) == (1, 2, 3)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="buckets"):
+    similarity.token_similarity(x, xm, y, ym, buckets=0)

@@ -345,13 +345,15 @@ class GRM(nn.Module):
     """level -> `[Ni, Nc]` kernel scores from `encode_images` / `encode_texts` outputs."""
     # Evaluation: ori and key score the same tokens V, T with different masks, so one cosine
     # block per tile serves both (training scores key on V_hat, T_hat: separate calls there).
+    # Token-length buckets skip padding (same scores; see `similarity.token_similarity`).
+    kw = dict(self._kernel_args(chunk), buckets=int(self.config.grm.get("eval_buckets", 1)))
     ori, key = token_similarity_multi(
         img["ori"], (img["ori_mask"], img["key_mask"]), txt["ori"],
-        (txt["ori_mask"], txt["key_mask"]), **self._kernel_args(chunk))
+        (txt["ori_mask"], txt["key_mask"]), **kw)
     return {
         "ori": ori,
         "key": key,
-        "unc": self._sim(img["unc"], img["unc_mask"], txt["ori"], txt["key_mask"], chunk),
+        "unc": token_similarity(img["unc"], img["unc_mask"], txt["ori"], txt["key_mask"], **kw),
     }
 
   def score(self, img_feats: dict, txt_feats: dict, dense_feats=None, *, chunk=None,
