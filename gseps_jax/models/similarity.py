@@ -22,8 +22,8 @@ tiles above. With buckets, each item's valid tokens are moved to the front (a st
 permutation; the masks make the order irrelevant), the items are sorted by valid count, and every
 tile runs on its tokens cut to the smallest of b static lengths (ceil(L * k / b), k = 1..b, per
 side) that holds its longest item, chosen by `lax.switch`. Results are un-permuted, so the
-scores are the same (up to float reassociation); the work shrinks with the padding, e.g. COCO
-captions fill about 13 of 32 text positions.
+scores are the same (up to float reassociation); the work shrinks with the padding, e.g. the
+Flickr30K test captions fill 15.9 of 32 text positions on average (pinned BERT tokenizer).
 
 Empty items: an item with no valid token scores exactly 0 against everything (and so gets zero
 gradient). Invalid tokens never win a max and never enter a mean. All values stay finite.
