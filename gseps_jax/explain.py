@@ -49,13 +49,13 @@ MIN_COLUMNS = 4  # image, kept patches, word labels, word table
 
 def _grm_image_parts(module, images):
   """GRM image branch in eval mode -> tokens, SA keep mask/probability, Â, log sigma^2."""
-  b = module._image_branch(images, False)  # pylint: disable=protected-access
+  b = module.image_branch(images, False)
   return {"tokens": b["v"], "keep": b["sa"]["keep"], "keep_prob": b["sa"]["prob"],
           "attn": b["attn"], "logvar": b["logvar"]}
 
 
 def _grm_text_parts(module, input_ids, attention_mask):
-  b = module._text_branch(input_ids, attention_mask, False)  # pylint: disable=protected-access
+  b = module.text_branch(input_ids, attention_mask, False)
   return {"tokens": b["t"], "keep": b["ga"]["keep"]}
 
 
@@ -83,11 +83,10 @@ def seps_selection(img: dict, glo: jax.Array, k: int) -> tuple[jax.Array, jax.Ar
     score `[Ni, N]` = cos(x_n, mean x) + cos(x_n, text mean); keep `[Ni, N]` bool, the k highest
     (ties: lower index first, as `lax.top_k`).
   """
+  from gseps_jax.models import seps  # pylint: disable=g-import-not-at-top
   score = img["self_attn"] + jnp.einsum("ind,id->in", img["xn"], glo,
                                         precision=jax.lax.Precision.HIGHEST)
-  _, idx = jax.lax.top_k(score, k)
-  keep = jnp.any(idx[..., :, None] == jnp.arange(score.shape[-1]), axis=-2)
-  return score, keep
+  return score, seps.topk_keep(score, k)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

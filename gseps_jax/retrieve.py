@@ -218,14 +218,14 @@ def dataset_source(config, split: str) -> ImageSource:
   names, has_dense = [], True
   for start in range(0, n, 256):
     batch = range(start, min(n, start + 256))
-    for r in pipeline._read(source, batch):  # pylint: disable=protected-access
+    for r in pipeline.read_records(source, batch):
       names.append(_text(r["image_id"]))
       has_dense &= bool(r.get("has_dense", True)) and bool(_text(r.get("dense_caption", "")))
 
   def read(indices):
     return [{"image": r["image"], "captions": [_text(c) for c in r["captions"]],
              "dense": _text(r["dense_caption"])}
-            for r in pipeline._read(source, indices)]  # pylint: disable=protected-access
+            for r in pipeline.read_records(source, indices)]
 
   return ImageSource(f"{DATASET_PREFIX}{split}", names, [""] * n, read,
                      dense_available=has_dense, is_dataset=True)

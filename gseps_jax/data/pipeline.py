@@ -211,7 +211,8 @@ def train_example(record: dict, rng: np.random.Generator, pp: Preprocess,
           "dense_mask": dense_mask, "image_index": np.int32(record["index"])}
 
 
-def _read(source, indices) -> list[dict]:
+def read_records(source, indices) -> list[dict]:
+  """Records `indices` of a random-access source (batched `__getitems__` when it has one)."""
   indices = [int(i) for i in indices]
   if hasattr(source, "__getitems__"):
     return list(source.__getitems__(indices))
@@ -262,7 +263,7 @@ class TrainBatches:
 
   def __call__(self, step: int) -> Batch:
     epoch, idx = self.indices(step)
-    records = _read(self.source, idx)
+    records = read_records(self.source, idx)
     return _stack([train_example(r, example_rng(self.seed, epoch, int(r["index"])), self.pp,
                                  self.tok) for r in records])
 
@@ -293,7 +294,7 @@ class EvalImageBatches:
   def __call__(self, step: int) -> Batch:
     pos = self.positions(step)
     valid = pos < self.num_items
-    records = _read(self.source, pos[valid])
+    records = read_records(self.source, pos[valid])
     s, n = self.pp.image_size, len(pos)
     images = np.zeros((n, s, s, 3), np.float32)
     for k, r in enumerate(records):
@@ -328,7 +329,7 @@ class EvalCaptionBatches:
     valid = pos < self.num_items
     image_idx = pos[valid] // self.captions_per_image
     uniq = np.unique(image_idx)
-    by_image = dict(zip(uniq.tolist(), _read(self.source, uniq)))
+    by_image = dict(zip(uniq.tolist(), read_records(self.source, uniq)))
     texts = [_text(by_image[i]["captions"][j % self.captions_per_image])
              for i, j in zip(image_idx.tolist(), pos[valid].tolist())]
     ids, mask = self.tok.encode_batch(texts, self.pp.max_len)

@@ -305,7 +305,14 @@ class GRM(nn.Module):
       t = jax.lax.stop_gradient(t)
     return self.text_proj(t).astype(jnp.float32)  # [B, Lt, E]
 
-  def _image_branch(self, images, train):
+  def image_branch(self, images: jax.Array, train: bool = False) -> dict:
+    """Every intermediate of the image branch (used by training, `encode_images`, explain).
+
+    Returns:
+      dict(v `[B, Lv, E]` projected tokens V, valid `[B, Lv]`, v_hat V*mask, sa (saliency
+      adapter outputs: keep, mask, prob, ...), attn `[B, K, Lv]` region attention, means, stats,
+      u `[B, K, E]` region tokens U, logvar `[B, K, E]`).
+    """
     v = self._image_tokens(images, train)
     valid = jnp.ones(v.shape[:2], bool)
     sa = self.sa(v, valid, train=train)
@@ -315,7 +322,10 @@ class GRM(nn.Module):
     return dict(v=v, valid=valid, v_hat=v_hat, sa=sa, attn=attn, means=means, stats=stats, u=u,
                 logvar=logvar)
 
-  def _text_branch(self, input_ids, attention_mask, train):
+  def text_branch(self, input_ids: jax.Array, attention_mask: jax.Array,
+                  train: bool = False) -> dict:
+    """Every intermediate of the text branch: dict(t `[B, Lt, E]`, valid, t_hat, ga (adapter
+    outputs: keep, mask, prob, ...))."""
     t = self._text_tokens(input_ids, attention_mask, train)
     valid = attention_mask.astype(bool)
     ga = self.ga(t, valid, train=train)
@@ -331,14 +341,14 @@ class GRM(nn.Module):
       {'ori': `[B, Lv, E]` V, 'ori_mask': `[B, Lv]` bool (all True), 'key_mask': `[B, Lv]` bool
        (kept tokens: the key level scores V on these), 'unc': `[B, K, E]` U, 'unc_mask': `[B, K]`}.
     """
-    b = self._image_branch(images, train)
+    b = self.image_branch(images, train)
     return {"ori": b["v"], "ori_mask": b["valid"], "key_mask": b["sa"]["keep"], "unc": b["u"],
             "unc_mask": jnp.ones(b["u"].shape[:2], bool)}
 
   def encode_texts(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                    train: bool = False) -> dict:
     """Caption features: {'ori': `[B, Lt, E]` T, 'ori_mask': `[B, Lt]`, 'key_mask': `[B, Lt]`}."""
-    b = self._text_branch(input_ids, attention_mask, train)
+    b = self.text_branch(input_ids, attention_mask, train)
     return {"ori": b["t"], "ori_mask": b["valid"], "key_mask": b["ga"]["keep"]}
 
   def level_scores(self, img: dict, txt: dict, *, chunk=None) -> dict:
@@ -376,8 +386,8 @@ class GRM(nn.Module):
       aux: scalars 'recon', 'kl', 'ent' (auxiliary losses) and metrics 'keep_ratio_img',
         'keep_ratio_txt', 'region_entropy', 'region_cos'.
     """
-    im = self._image_branch(batch["image"], train)
-    tx = self._text_branch(batch["input_ids"], batch["attention_mask"], train)
+    im = self.image_branch(batch["image"], train)
+    tx = self.text_branch(batch["input_ids"], batch["attention_mask"], train)
     chunk = self.config.grm.get("train_chunk", None)
     t_key = tx["ga"]["keep"]
     sims = {

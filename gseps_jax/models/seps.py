@@ -171,6 +171,13 @@ def hrpa_from_sims(sims: Array, mask: Array) -> Array:
 # ----------------------------------------------------------------------------------------------
 # SDTPS for a tile of pairs.
 # ----------------------------------------------------------------------------------------------
+def topk_keep(score: Array, k: int) -> Array:
+  """`[..., N]` selection scores -> `[..., N]` bool mask of the k highest (ties: lower index
+  first, as `lax.top_k`). The hard selection of `_selection_weights`, for tools (explain)."""
+  _, idx = lax.top_k(lax.stop_gradient(score), k)
+  return jnp.any(idx[..., :, None] == jnp.arange(score.shape[-1]), axis=-2)
+
+
 def _selection_weights(self_attn: Array, logits_t: Array, text_cos: Array, *, k: int,
                        selection: str, st_temperature: float) -> tuple[Array, Optional[Array]]:
   """SDTPS selection as weights on the patches, for (image, guide text) pairs.
