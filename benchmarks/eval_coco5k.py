@@ -9,8 +9,8 @@ Shapes are ViT-B/16-224 token counts: 197 image tokens, 32-token captions, 90-to
 captions (SEPS, parity: one per caption), D = 512, random features.
 - GRM: the eval score 0.4 s_ori + 0.4 s_key + 0.2 s_unc (5 region tokens) computed as
   `GRM.level_scores` does (ori and key share one cosine block, `token_similarity_multi`; 8
-  token-length buckets, `--buckets`) vs the obvious jnp implementation (full [Ni, Nc, Lx, Ly] cosine block, then reductions; run on
-  tiles of 50 images so it fits in memory).
+  token-length buckets, `--buckets`) vs the obvious jnp implementation (full [Ni, Nc, Lx, Ly]
+  cosine block, then reductions; run on tiles of 50 images so it fits in memory).
 - SEPS: our tiled scorer vs the official evaluation's structure (256 x 256 shards, one caption at
   a time against a shard of images; PyTorch, `benchmarks/seps_pairs.official_loop`).
 The full-size floor (5,000 x 25,000) is FLOPs / peak and bytes / bandwidth from
@@ -34,7 +34,8 @@ import roofline  # pylint: disable=g-import-not-at-top,wrong-import-position
 import seps_pairs  # pylint: disable=g-import-not-at-top,wrong-import-position
 import similarity as sim_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gseps_jax.models import seps  # pylint: disable=g-import-not-at-top,wrong-import-position
-from gseps_jax.models.similarity import token_similarity, token_similarity_multi  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gseps_jax.models.similarity import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+    token_similarity, token_similarity_multi)
 
 LV, LT, LD, D, K = 197, 32, 90, 512, 5
 
@@ -121,8 +122,8 @@ def main():
   print(f"device {jax.devices()[0].device_kind}; torch threads {torch.get_num_threads()}")
   t_o, t_n, err = grm(a.images, a.captions, rng, chunk=(50, 250), buckets=a.buckets)
   pairs = a.images * a.captions
-  print(f"GRM  {a.images} x {a.captions} (buckets {a.buckets}): ours {t_o:.2f} s ({pairs / t_o:,.0f} pairs/s), "
-        f"naive jnp {t_n:.2f} s ({pairs / t_n:,.0f} pairs/s); ratio {t_n / t_o:.2f}x; "
+  print(f"GRM  {a.images} x {a.captions} (buckets {a.buckets}): ours {t_o:.2f} s "
+        f"({pairs / t_o:,.0f} pairs/s), naive jnp {t_n:.2f} s ({pairs / t_n:,.0f} pairs/s); ratio {t_n / t_o:.2f}x; "
         f"max diff {err:.1e}")
   t_o, t_b, err = seps_scores(a.seps_images, a.seps_captions, rng, chunk=(20, 100))
   pairs = a.seps_images * a.seps_captions

@@ -171,11 +171,16 @@ def hrpa_from_sims(sims: Array, mask: Array) -> Array:
 # ----------------------------------------------------------------------------------------------
 # SDTPS for a tile of pairs.
 # ----------------------------------------------------------------------------------------------
+def _index_mask(idx: Array, n: int) -> Array:
+  """`[..., k]` indices into N positions -> `[..., N]` bool, True at the indexed positions."""
+  return jnp.any(idx[..., :, None] == jnp.arange(n), axis=-2)
+
+
 def topk_keep(score: Array, k: int) -> Array:
   """`[..., N]` selection scores -> `[..., N]` bool mask of the k highest (ties: lower index
   first, as `lax.top_k`). The hard selection of `_selection_weights`, for tools (explain)."""
   _, idx = lax.top_k(lax.stop_gradient(score), k)
-  return jnp.any(idx[..., :, None] == jnp.arange(score.shape[-1]), axis=-2)
+  return _index_mask(idx, score.shape[-1])
 
 
 def _selection_weights(self_attn: Array, logits_t: Array, text_cos: Array, *, k: int,
@@ -198,7 +203,7 @@ def _selection_weights(self_attn: Array, logits_t: Array, text_cos: Array, *, k:
   n = score.shape[-1]
   straight = selection == "straight_through"
   top_v, top_i = lax.top_k(lax.stop_gradient(score), min(k + 1, n) if straight else k)
-  hard = jnp.any(top_i[..., :k, None] == jnp.arange(n), axis=-2)  # [..., Tg, N]
+  hard = _index_mask(top_i[..., :k], n)  # [..., Tg, N]
   keep = hard.astype(score.dtype)
   if straight and k < n:
     theta = 0.5 * (top_v[..., k - 1] + top_v[..., k])

@@ -213,14 +213,13 @@ def token_similarity_multi(x: jax.Array, x_masks: Sequence[jax.Array], y: jax.Ar
 def _pack_and_sort(t, ms, valid):
   """Moves each item's valid tokens to the front and sorts the items by valid count.
 
-  Returns (tokens, masks, counts, perm): item i of the outputs is input item perm[i].
+  Returns (tokens, masks, perm): item i of the outputs is input item perm[i].
   """
   order = jnp.argsort(~valid, axis=1, stable=True)  # valid tokens first, in order
   t = jnp.take_along_axis(t, order[..., None], axis=1)
   ms = tuple(jnp.take_along_axis(m, order, axis=1) for m in ms)
-  counts = jnp.sum(valid, axis=1)
-  perm = jnp.argsort(counts, stable=True)
-  return t[perm], tuple(m[perm] for m in ms), counts[perm], perm
+  perm = jnp.argsort(jnp.sum(valid, axis=1), stable=True)
+  return t[perm], tuple(m[perm] for m in ms), perm
 
 
 def _bucket_lengths(length: int, buckets: int) -> Tuple[int, ...]:
@@ -229,15 +228,18 @@ def _bucket_lengths(length: int, buckets: int) -> Tuple[int, ...]:
 
 def _bucketed_tile(tile, lx_opts, ly_opts):
   """`tile(xt, xms, yt, yms)` on tokens cut to the smallest static lengths that hold the tile's
-  longest items (`xcount`, `ycount`: valid tokens per item, valid ones first)."""
+  longest items (valid tokens packed first by `_pack_and_sort`)."""
   def cut(lx, ly):
     return lambda xt, xms, yt, yms: tile(xt[:, :lx], tuple(m[:, :lx] for m in xms),
                                          yt[:, :ly], tuple(m[:, :ly] for m in yms))
   branches = [cut(lx, ly) for lx in lx_opts for ly in ly_opts]
 
-  def run(xt, xms, xcount, yt, yms, ycount):
-    ix = jnp.searchsorted(jnp.asarray(lx_opts), jnp.max(xcount))
-    iy = jnp.searchsorted(jnp.asarray(ly_opts), jnp.max(ycount))
+  def longest(ms):  # valid tokens of the tile's longest item, under any of the masks
+    return jnp.max(jnp.sum(functools.reduce(jnp.logical_or, ms), axis=-1))
+
+  def run(xt, xms, yt, yms):
+    ix = jnp.searchsorted(jnp.asarray(lx_opts), longest(xms))
+    iy = jnp.searchsorted(jnp.asarray(ly_opts), longest(yms))
     return lax.switch(ix * len(ly_opts) + iy, branches, xt, xms, yt, yms)
   return run
 
@@ -267,29 +269,22 @@ def _all_pairs(x, x_masks, y, y_masks, *, direction, chunk, compute_dtype, preci
   tile = functools.partial(_tile_scores, direction=direction, precision=precision,
                            acc_dtype=acc)
   if buckets > 1:
-    xn, x_masks, xcount, xperm = _pack_and_sort(xn, x_masks, x_any)
-    yn, y_masks, ycount, yperm = _pack_and_sort(yn, y_masks, y_any)
-    btile = _bucketed_tile(tile, _bucket_lengths(lx, buckets), _bucket_lengths(ly, buckets))
-  else:
-    xcount, ycount = jnp.full((bx,), lx), jnp.full((by,), ly)
-    btile = lambda xt, xms, _, yt, yms, __: tile(xt, xms, yt, yms)
+    xn, x_masks, xperm = _pack_and_sort(xn, x_masks, x_any)
+    yn, y_masks, yperm = _pack_and_sort(yn, y_masks, y_any)
+    tile = _bucketed_tile(tile, _bucket_lengths(lx, buckets), _bucket_lengths(ly, buckets))
   if nx == 1 and ny == 1:
-    out = btile(xn, x_masks, xcount, yn, y_masks, ycount)
+    out = tile(xn, x_masks, yn, y_masks)
   else:
     xn, xms = _pad_items(xn, x_masks, nx * cx)
     yn, yms = _pad_items(yn, y_masks, ny * cy)
-    xcount = jnp.pad(xcount, (0, nx * cx - bx))
-    ycount = jnp.pad(ycount, (0, ny * cy - by))
-    xs = (xn.reshape(nx, cx, lx, d), tuple(m.reshape(nx, cx, lx) for m in xms),
-          xcount.reshape(nx, cx))
-    ys = (yn.reshape(ny, cy, ly, d), tuple(m.reshape(ny, cy, ly) for m in yms),
-          ycount.reshape(ny, cy))
+    xs = (xn.reshape(nx, cx, lx, d), tuple(m.reshape(nx, cx, lx) for m in xms))
+    ys = (yn.reshape(ny, cy, ly, d), tuple(m.reshape(ny, cy, ly) for m in yms))
     # Rematerialise each tile in the backward pass: otherwise scan saves every tile's cosine
     # block as a residual and the backward needs the full [Bx, By, Lx, Ly] after all.
-    ctile = jax.checkpoint(btile)
+    ctile = jax.checkpoint(tile)
 
     def row(xb):
-      return lax.map(lambda yb: ctile(*xb, *yb), ys)  # [ny, M, cx, cy]
+      return lax.map(lambda yb: ctile(xb[0], xb[1], yb[0], yb[1]), ys)  # [ny, M, cx, cy]
 
     out = lax.map(row, xs)  # [nx, ny, M, cx, cy]
     m = len(x_masks)
