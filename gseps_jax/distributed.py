@@ -169,4 +169,23 @@ def maybe_initialize(coordinator: Optional[str] = None,
   logger.info("jax.distributed ready: process %d of %d, %d local / %d global devices.",
               jax.process_index(), jax.process_count(), jax.local_device_count(),
               jax.device_count())
+  _no_persistent_cache_for_multiprocess_cpu()
   return plan
+
+
+def _no_persistent_cache_for_multiprocess_cpu() -> None:
+  """Turns the persistent compilation cache off for a multi-process job on CPU.
+
+  With jax/jaxlib 0.10.2, a multi-process CPU train step (gloo collectives) that is loaded from
+  the persistent cache, rather than compiled in the process, blocks forever in its first
+  collective. Reproduced with this repo's tiny GRM step: two processes, the second run with the
+  first run's cache hung in three of three trials; the same run with the cache off, or with only that one
+  entry deleted, passes. Multi-process CPU is for tests and debugging, so compiling afresh costs
+  little; GPU and TPU keep the cache.
+  """
+  if jax.process_count() > 1 and jax.default_backend() == "cpu" and (
+      jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir):
+    logger.warning("Multi-process CPU run: persistent compilation cache %s turned off (cached "
+                   "CPU executables with cross-process collectives can hang in jax 0.10.2).",
+                   jax.config.jax_compilation_cache_dir)
+    jax.config.update("jax_enable_compilation_cache", False)

@@ -7,11 +7,13 @@ fresh JAX: fake devices, several processes, signals). Prints `RESULT <json>` at 
 handler must checkpoint after step N and stop); --nan_at=N feeds a NaN image at step N.
 """
 
+import faulthandler
 import json
 import logging
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,11 +24,15 @@ from gseps_jax import distributed  # pylint: disable=g-import-not-at-top
 
 
 def main():
+  # `kill -USR1 <pid>` prints every thread's Python stack to stderr (tests do it before killing
+  # a worker that overran its time, so a hang shows where it was).
+  faulthandler.register(signal.SIGUSR1, all_threads=True)
   workdir, model, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
   opts = dict(a.lstrip("-").split("=") for a in sys.argv[4:])
   logging.getLogger().setLevel(logging.INFO)
   distributed.maybe_initialize()
   import tiny  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   from gseps_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
   config = tiny.tiny_config(model, **overrides)
   tiny.ensure_data(config)
@@ -38,6 +44,8 @@ def main():
     calls["n"] += 1
     if calls["n"] == int(opts.get("sigterm_at", -1)):
       os.kill(os.getpid(), signal.SIGTERM)
+    if calls["n"] == int(opts.get("delay_at", -1)) and jax.process_index() == 1:
+      time.sleep(float(opts.get("delay_s", 40)))  # arrive late at the step's collectives
     if calls["n"] == int(opts.get("nan_at", -1)):
       local = dict(local, image=np.full_like(local["image"], np.nan))
     return real(local, mesh)
@@ -47,7 +55,6 @@ def main():
     result = trainer.train_and_evaluate(config, workdir)
   except trainer.NonFiniteLossError as e:
     result = {"error": str(e)}
-  import jax  # pylint: disable=g-import-not-at-top
   result["process_index"] = jax.process_index()
   print("RESULT " + json.dumps(result), flush=True)
 

@@ -4,13 +4,13 @@ GSEPS_* variables and compute across processes (a global sum and retrieval metri
 import json
 import os
 import socket
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
 
+import multiproc
 from gseps_jax import distributed, metrics
 
 SLURM = dict(SLURM_JOB_ID="42", SLURM_STEP_NODELIST="gpu[01-02]", SLURM_NTASKS="16",
@@ -69,7 +69,8 @@ def test_single_process_is_a_noop_in_this_process(monkeypatch):
 
 
 _WORKER = textwrap.dedent("""
-    import json, logging
+    import faulthandler, json, logging, signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.INFO)
     from gseps_jax import distributed
     plan = distributed.maybe_initialize()
@@ -93,7 +94,9 @@ _WORKER = textwrap.dedent("""
     print("RESULT" + json.dumps(dict(mode=plan.mode, again=again.mode, pid=pid, n=n,
                                      local_devices=jax.local_device_count(),
                                      global_devices=jax.device_count(),
-                                     total=float(total), rsum=m["rsum"], i2t_meanr=m["i2t_meanr"])))
+                                     total=float(total), rsum=m["rsum"], i2t_meanr=m["i2t_meanr"],
+                                     cache_dir=jax.config.jax_compilation_cache_dir,
+                                     cache_on=jax.config.jax_enable_compilation_cache)))
 """)
 
 
@@ -103,27 +106,18 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_initialise_and_compute_together():
+def test_two_processes_initialise_and_compute_together(tmp_path):
   port = _free_port()
   base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_"))}
-  procs = []
-  for pid in range(2):
-    env = dict(base, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  envs = [dict(base, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                GSEPS_COORDINATOR=f"localhost:{port}", GSEPS_NUM_PROCESSES="2",
-               GSEPS_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen([sys.executable, "-c", _WORKER], env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+               GSEPS_PROCESS_ID=str(pid)) for pid in range(2)]
+  cmd = [sys.executable, "-c", _WORKER]
+  done = multiproc.run_processes([cmd, cmd], envs, tmp_path, timeout=180)
   results = []
-  for p in procs:
-    try:
-      out, err = p.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    assert p.returncode == 0, err[-3000:]
-    assert "Initialising jax.distributed (explicit coordinator" in err
-    results.append(json.loads([l for l in out.splitlines() if l.startswith("RESULT")][0][6:]))
+  for d in done:
+    assert "Initialising jax.distributed (explicit coordinator" in d.stderr
+    results.append(json.loads([l for l in d.stdout.splitlines() if l.startswith("RESULT")][0][6:]))
   assert sorted(r["pid"] for r in results) == [0, 1]
   sims = np.random.default_rng(0).standard_normal((8, 40)).astype(np.float32)
   want = metrics.retrieval_metrics(sims, 5)
@@ -132,3 +126,5 @@ def test_two_processes_initialise_and_compute_together():
     assert (r["local_devices"], r["global_devices"]) == (2, 4)
     assert r["total"] == sum(range(4)) + sum(range(100, 104))  # 412: both processes' data
     assert (r["rsum"], r["i2t_meanr"]) == (want["rsum"], want["i2t_meanr"])
+    # conftest sets a persistent cache dir; multi-process CPU must not use it (it can hang).
+    assert r["cache_dir"] and not r["cache_on"]

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+import multiproc
 import tiny
 from conftest import REPO
 from gseps_jax import checkpoint as ckpt_lib
@@ -96,19 +97,13 @@ def test_two_processes_agree_with_single_process(straight_run, tmp_path):
   half of every global batch, train exactly like one process."""
   wd0, _ = straight_run
   port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, GSEPS_COORDINATOR=f"localhost:{port}", GSEPS_NUM_PROCESSES="2",
-               GSEPS_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(
-        [sys.executable, WORKER, str(tmp_path / "mp"), "grm",
-         json.dumps({"train.max_steps": 3, "checkpoint.every_steps": 1000})],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))
-  outs = [p.communicate(timeout=600) for p in procs]
-  results = []
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-    results.append(json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:]))
+  cmd = [sys.executable, WORKER, str(tmp_path / "mp"), "grm",
+         json.dumps({"train.max_steps": 3, "checkpoint.every_steps": 1000})]
+  envs = [dict(os.environ, GSEPS_COORDINATOR=f"localhost:{port}", GSEPS_NUM_PROCESSES="2",
+               GSEPS_PROCESS_ID=str(pid)) for pid in range(2)]
+  done = multiproc.run_processes([cmd, cmd], envs, tmp_path / "logs", cwd=REPO)
+  results = [json.loads([l for l in d.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+             for d in done]
   assert sorted(r["process_index"] for r in results) == [0, 1]
   straight = read_metrics(wd0)
   for r in results:
