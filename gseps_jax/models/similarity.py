@@ -77,7 +77,12 @@ def _masked_max_mean(s, max_mask, mean_mask, max_axis):
   Returns:
     `[cx, cy]`; 0 where either side has no valid token.
   """
-  best = jnp.max(jnp.where(max_mask, s, _NEG), axis=max_axis)  # [cx, cy, L]
+  # The mask enters as an additive bias built on the small mask, not as a select on the
+  # [cx, cy, Lx, Ly] block: XLA:CPU then fuses the add into the reduction of the dot output in
+  # its natural layout (the select version measured 1.7x slower per tile; docs/performance.md).
+  # Valid cosines get + 0 (exact); invalid ones end below -9998 and never win over a valid one.
+  bias = jnp.where(max_mask, 0.0, _NEG).astype(s.dtype)
+  best = jnp.max(s + bias, axis=max_axis)  # [cx, cy, L]
   any_max = jnp.any(max_mask, axis=max_axis)  # the max side has >= 1 valid token
   count = jnp.sum(mean_mask, axis=-1)
   total = jnp.sum(jnp.where(mean_mask & any_max, best, 0.0), axis=-1)
