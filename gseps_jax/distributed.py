@@ -179,9 +179,9 @@ def _no_persistent_cache_for_multiprocess_cpu() -> None:
   With jax/jaxlib 0.10.2, a multi-process CPU train step (gloo collectives) that is loaded from
   the persistent cache, rather than compiled in the process, blocks forever in its first
   collective. Reproduced with this repo's tiny GRM step: two processes, the second run with the
-  first run's cache hung in three of three trials; the same run with the cache off, or with only that one
-  entry deleted, passes. Multi-process CPU is for tests and debugging, so compiling afresh costs
-  little; GPU and TPU keep the cache.
+  first run's cache hung in three of three trials; the same run with the cache off, or with only
+  that one entry deleted, passes. Multi-process CPU is for tests and debugging, so compiling
+  afresh costs little; GPU and TPU keep the cache.
   """
   if jax.process_count() > 1 and jax.default_backend() == "cpu" and (
       jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir):

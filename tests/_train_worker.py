@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,7 +31,6 @@ def main():
   logging.getLogger().setLevel(logging.INFO)
   distributed.maybe_initialize()
   import tiny  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   from gseps_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
   config = tiny.tiny_config(model, **overrides)
   tiny.ensure_data(config)
@@ -44,8 +42,6 @@ def main():
     calls["n"] += 1
     if calls["n"] == int(opts.get("sigterm_at", -1)):
       os.kill(os.getpid(), signal.SIGTERM)
-    if calls["n"] == int(opts.get("delay_at", -1)) and jax.process_index() == 1:
-      time.sleep(float(opts.get("delay_s", 40)))  # arrive late at the step's collectives
     if calls["n"] == int(opts.get("nan_at", -1)):
       local = dict(local, image=np.full_like(local["image"], np.nan))
     return real(local, mesh)
@@ -55,6 +51,7 @@ def main():
     result = trainer.train_and_evaluate(config, workdir)
   except trainer.NonFiniteLossError as e:
     result = {"error": str(e)}
+  import jax  # pylint: disable=g-import-not-at-top
   result["process_index"] = jax.process_index()
   print("RESULT " + json.dumps(result), flush=True)
 

@@ -11,6 +11,7 @@ When the deadline passes, every live process is sent SIGUSR1 first: workers that
 import dataclasses
 import pathlib
 import signal
+import socket
 import subprocess
 import time
 
@@ -20,6 +21,13 @@ class Finished:
   returncode: int
   stdout: str
   stderr: str
+
+
+def free_port() -> int:
+  """A TCP port that was free a moment ago (for the job's coordinator)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
 
 
 def _tail(text, n=4000):
@@ -38,7 +46,7 @@ def run_processes(commands, envs, logdir, timeout=420.0, grace=60.0, cwd=None):
   for i, (cmd, env) in enumerate(zip(commands, envs)):
     out, err = open(logdir / f"proc{i}.out", "w"), open(logdir / f"proc{i}.err", "w")
     files.append((out, err))
-    procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, cwd=cwd))
+    procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=cwd))
   start = time.monotonic()
   deadline = start + timeout
   why = None
@@ -72,4 +80,3 @@ def run_processes(commands, envs, logdir, timeout=420.0, grace=60.0, cwd=None):
     raise AssertionError(f"multi-process job failed ({why or 'non-zero exit'}); logs in "
                          f"{logdir}\n{report}")
   return results
-

@@ -3,7 +3,6 @@ GSEPS_* variables and compute across processes (a global sum and retrieval metri
 
 import json
 import os
-import socket
 import sys
 import textwrap
 
@@ -100,14 +99,9 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
 
 def test_two_processes_initialise_and_compute_together(tmp_path):
-  port = _free_port()
+  port = multiproc.free_port()
   base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_"))}
   envs = [dict(base, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                GSEPS_COORDINATOR=f"localhost:{port}", GSEPS_NUM_PROCESSES="2",

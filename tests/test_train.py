@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -86,17 +85,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert ck.latest_step() == 2
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
 
 def test_two_processes_agree_with_single_process(straight_run, tmp_path):
   """Two CPU processes (jax.distributed via the same env the pod launcher sets), each feeding
   half of every global batch, train exactly like one process."""
   wd0, _ = straight_run
-  port = _free_port()
+  port = multiproc.free_port()
   cmd = [sys.executable, WORKER, str(tmp_path / "mp"), "grm",
          json.dumps({"train.max_steps": 3, "checkpoint.every_steps": 1000})]
   envs = [dict(os.environ, GSEPS_COORDINATOR=f"localhost:{port}", GSEPS_NUM_PROCESSES="2",
