@@ -299,8 +299,14 @@ class GRM(nn.Module):
     v = self.vision_encoder(images, train=train)
     return self.vision_proj(v).astype(jnp.float32)  # [B, Lv, E]
 
-  def _text_tokens(self, input_ids, attention_mask, train):
-    t = self.text_encoder(input_ids, attention_mask, train=train)
+  def _text_tokens(self, input_ids, attention_mask, train, hidden=None):
+    if hidden is None:
+      # A frozen tower is a fixed feature extractor: deterministic (no dropout), as its cached
+      # features (data/text_cache.py) are.
+      t = self.text_encoder(input_ids, attention_mask,
+                            train=train and not self.config.freeze_text)
+    else:  # precomputed frozen-tower features `[B, Lt, D_text]` (batch key 'text_hidden')
+      t = jnp.asarray(hidden, jnp.dtype(self.config.dtype))
     if self.config.freeze_text:  # pretrained text tower used as a fixed feature extractor
       t = jax.lax.stop_gradient(t)
     return self.text_proj(t).astype(jnp.float32)  # [B, Lt, E]
@@ -323,10 +329,11 @@ class GRM(nn.Module):
                 logvar=logvar)
 
   def text_branch(self, input_ids: jax.Array, attention_mask: jax.Array,
-                  train: bool = False) -> dict:
+                  train: bool = False, text_hidden=None) -> dict:
     """Every intermediate of the text branch: dict(t `[B, Lt, E]`, valid, t_hat, ga (adapter
-    outputs: keep, mask, prob, ...))."""
-    t = self._text_tokens(input_ids, attention_mask, train)
+    outputs: keep, mask, prob, ...)). `text_hidden`: cached frozen-tower outputs replacing the
+    text encoder call (data/text_cache.py)."""
+    t = self._text_tokens(input_ids, attention_mask, train, text_hidden)
     valid = attention_mask.astype(bool)
     ga = self.ga(t, valid, train=train)
     return dict(t=t, valid=valid, t_hat=t * ga["mask"][..., None], ga=ga)
@@ -345,10 +352,11 @@ class GRM(nn.Module):
     return {"ori": b["v"], "ori_mask": b["valid"], "key_mask": b["sa"]["keep"], "unc": b["u"],
             "unc_mask": jnp.ones(b["u"].shape[:2], bool)}
 
-  def encode_texts(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+  def encode_texts(self, input_ids: jax.Array, attention_mask: jax.Array, text_hidden=None, *,
                    train: bool = False) -> dict:
-    """Caption features: {'ori': `[B, Lt, E]` T, 'ori_mask': `[B, Lt]`, 'key_mask': `[B, Lt]`}."""
-    b = self.text_branch(input_ids, attention_mask, train)
+    """Caption features: {'ori': `[B, Lt, E]` T, 'ori_mask': `[B, Lt]`, 'key_mask': `[B, Lt]`}.
+    `text_hidden` `[B, Lt, D_text]`: cached frozen text-tower outputs (skips the encoder)."""
+    b = self.text_branch(input_ids, attention_mask, train, text_hidden)
     return {"ori": b["t"], "ori_mask": b["valid"], "key_mask": b["ga"]["keep"]}
 
   def level_scores(self, img: dict, txt: dict, *, chunk=None) -> dict:
@@ -378,7 +386,8 @@ class GRM(nn.Module):
     """Training forward.
 
     Args:
-      batch: 'image' `[B, H, W, 3]`, 'input_ids' `[B, Lt]`, 'attention_mask' `[B, Lt]`.
+      batch: 'image' `[B, H, W, 3]`, 'input_ids' `[B, Lt]`, 'attention_mask' `[B, Lt]`;
+        optional 'text_hidden' `[B, Lt, D_text]` (cached frozen text-tower outputs).
       train: dropout / Gumbel / noise on (rngs 'dropout', 'gumbel', 'noise').
 
     Returns:
@@ -387,7 +396,8 @@ class GRM(nn.Module):
         'keep_ratio_txt', 'region_entropy', 'region_cos'.
     """
     im = self.image_branch(batch["image"], train)
-    tx = self.text_branch(batch["input_ids"], batch["attention_mask"], train)
+    tx = self.text_branch(batch["input_ids"], batch["attention_mask"], train,
+                          batch.get("text_hidden"))
     chunk = self.config.grm.get("train_chunk", None)
     t_key = tx["ga"]["keep"]
     sims = {

@@ -591,9 +591,16 @@ class SEPS(nn.Module):
     x = self.vision_encoder(images, train=train).astype(jnp.float32)
     return {"tokens": x if self.vision_proj is None else self.vision_proj(x)}
 
-  def encode_texts(self, input_ids: Array, attention_mask: Array, *, train: bool = False) -> dict:
-    """[B, L] ids and mask -> {'tokens': [B, L, D] float32, 'mask': [B, L] bool}."""
-    x = self.text_encoder(input_ids, attention_mask, train=train).astype(jnp.float32)
+  def encode_texts(self, input_ids: Array, attention_mask: Array, text_hidden=None, *,
+                   train: bool = False) -> dict:
+    """[B, L] ids and mask -> {'tokens': [B, L, D] float32, 'mask': [B, L] bool}.
+    `text_hidden` `[B, L, D_text]`: cached frozen text-tower outputs (data/text_cache.py) used
+    instead of running the encoder; a frozen tower runs deterministically (no dropout)."""
+    if text_hidden is None:
+      x = self.text_encoder(input_ids, attention_mask,
+                            train=train and not self.freeze_text).astype(jnp.float32)
+    else:
+      x = jnp.asarray(text_hidden, jnp.float32)
     if self.freeze_text:
       x = lax.stop_gradient(x)
     return {"tokens": x if self.fc is None else self.fc(x), "mask": attention_mask.astype(bool)}
@@ -609,9 +616,11 @@ class SEPS(nn.Module):
       ({'seps': [B, B]}, {'ratio_loss': constant official ratio term, 'keep_ratio': K / N}).
     """
     img = self.encode_images(batch["image"], train=train)["tokens"]
-    cap = self.encode_texts(batch["input_ids"], batch["attention_mask"], train=train)
+    cap = self.encode_texts(batch["input_ids"], batch["attention_mask"],
+                            batch.get("text_hidden"), train=train)
     dense = ({"tokens": None, "mask": None} if not self.use_dense else
-             self.encode_texts(batch["dense_ids"], batch["dense_mask"], train=train))
+             self.encode_texts(batch["dense_ids"], batch["dense_mask"],
+                               batch.get("dense_hidden"), train=train))
     sims = self.cross_net(img, cap["tokens"], cap["mask"], dense["tokens"], dense["mask"],
                           chunk=self.train_chunk)
     n = img.shape[1] - (1 if has_cls(img.shape[1]) else 0)
