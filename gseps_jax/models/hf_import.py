@@ -238,7 +238,12 @@ def read_state_dict(path_or_dir: str) -> dict[str, np.ndarray]:
       sd.update(_load_safetensors(os.path.join(d, shard)))
     return sd
   if os.path.isfile(bin_file):
-    import torch  # only for legacy pickled checkpoints
+    try:
+      import torch  # only for legacy pickled checkpoints
+    except ImportError as e:
+      raise FileNotFoundError(
+          f"{bin_file} is a PyTorch pickle, which needs PyTorch (not in the core install): "
+          f"run `./install.sh --torch`, or convert the directory to model.safetensors.") from e
     sd = torch.load(bin_file, map_location="cpu", weights_only=True)
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
             for k, v in sd.items()}
