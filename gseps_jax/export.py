@@ -420,9 +420,19 @@ def _require_official_checkpoint(checkpoint) -> None:
   require_official(ckpt_lib.load_config_from_checkpoint(checkpoint)[0])
 
 
+def _torch():
+  """PyTorch, which only the official `.pth` format needs (an install extra)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ExportError("The official .pth format needs PyTorch, which the core install leaves out: "
+                      "run `./install.sh --torch` (or `pip install 'gseps_jax[torch]'`).") from e
+  return torch
+
+
 def official_checkpoint(config, params: Mapping, step: int, meta: Optional[dict] = None) -> dict:
   """(config, params) -> the official checkpoint dict (torch tensors)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = _torch()
   from gseps_jax.models import seps  # pylint: disable=g-import-not-at-top
   require_official(config)
   try:
@@ -441,7 +451,7 @@ def official_checkpoint(config, params: Mapping, step: int, meta: Optional[dict]
 
 def write_official(config, params: Mapping, step: int, out_dir, meta=None) -> Path:
   """Writes `out_dir/model_best.pth`; warns if the official code would build another model."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = _torch()
   state = official_checkpoint(config, params, step, meta)
   issues = official_incompatibilities(config)
   if issues:
@@ -489,7 +499,7 @@ def load_official(path, *, trust_pickle: bool = False) -> tuple[dict, dict]:
   `argparse.Namespace`); `trust_pickle=True` allows arbitrary pickled objects (only for files
   you trust). A bare state dict (no `'model'` key) is accepted too.
   """
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = _torch()
   path = epath.Path(path)  # a checkpoint: may be on gs://
   if not path.is_file():
     raise FileNotFoundError(f"Official checkpoint {path} does not exist.")
