@@ -12,10 +12,10 @@
 
 import argparse
 import functools
-import importlib.util
 import json
 import math
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -104,12 +104,17 @@ def make_inputs(config, seed):
 
 
 def load_torch_module(export_dir):
-  """The gseps_torch.py COPIED INTO the export (not the package's), under a unique name."""
+  """The gseps_torch.py COPIED INTO the export (not the package's), under a unique name.
+
+  Compiled from its source text rather than imported: an import writes `__pycache__/` beside the
+  file (unless PYTHONDONTWRITEBYTECODE is set, as on CI but not on users' machines), and the
+  export directory's exact listing is under test."""
   name = f"gseps_torch_{abs(hash(str(export_dir)))}"
-  spec = importlib.util.spec_from_file_location(name, export_dir / "gseps_torch.py")
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[name] = mod
-  spec.loader.exec_module(mod)
+  path = export_dir / "gseps_torch.py"
+  mod = types.ModuleType(name)
+  mod.__file__ = str(path)
+  sys.modules[name] = mod  # dataclasses and pickling look the module up by name
+  exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)  # pylint: disable=exec-used
   return mod
 
 
