@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 from typing import Iterator
 
 import numpy as np
@@ -229,8 +230,9 @@ def captions_for(scene: dict, rng: np.random.Generator) -> list[str]:
                      for o in shuffled()]),
       # colour + shape + count
       lambda: _join(_grouped(objs, ("colour", "shape"), rng)),
-      # position first
-      lambda: ", ".join(f"{position_phrase(o['cell'])} there is {_obj(o, 'size', 'colour')}"
+      # position first ("there is" dropped: it made this the longest template, 45 word
+      # pieces with 4 objects; now every template fits in 37, see `max_caption_pieces`)
+      lambda: ", ".join(f"{position_phrase(o['cell'])} {_obj(o, 'size', 'colour')}"
                         for o in shuffled()),
       # total count, then colour + shape + position
       lambda: (f"{NUMBERS[n]} shape{'s' if n > 1 else ''}: "
@@ -264,27 +266,42 @@ def dense_caption(scene: dict) -> str:
   return " ".join(parts)
 
 
+def num_word_pieces(text: str) -> int:
+  """Word pieces of a generated text with [CLS] and [SEP]: every word of the generator is one
+  bert-base-uncased word piece (tests/test_data_synthetic.py checks), and BERT's basic tokeniser
+  makes each punctuation mark its own piece."""
+  return len(_PIECE.findall(text)) + 2
+
+
+_PIECE = re.compile(r"\w+|[^\w\s]")
+
+
 # ---------------------------------------------------------------------------------------------
 # Examples.
+
+
+def pair_scenes(seed: int, split: str, pair: int) -> list[tuple[dict, str, list[str]]]:
+  """[(scene, difference, captions)] of images 2*pair and 2*pair+1 (no rendering: cheap)."""
+  code = SPLIT_CODES[split]
+  rng = np.random.default_rng([seed, code, pair])
+  base = sample_scene(rng)
+  neg, attribute = hard_negative(base, rng)
+  return [(scene, diff, captions_for(scene, np.random.default_rng([seed, code, pair, j + 1])))
+          for j, (scene, diff) in enumerate(((base, ""), (neg, attribute)))]
 
 
 def generate_pair(seed: int, split: str, pair: int, image_size: int) -> list[dict]:
   """Examples 2*pair and 2*pair+1 of a split (the second differs from the first in one
   attribute)."""
-  code = SPLIT_CODES[split]
-  rng = np.random.default_rng([seed, code, pair])
-  base = sample_scene(rng)
-  neg, attribute = hard_negative(base, rng)
   out = []
-  for j, (scene, diff) in enumerate(((base, ""), (neg, attribute))):
+  for j, (scene, diff, captions) in enumerate(pair_scenes(seed, split, pair)):
     index = 2 * pair + j
-    cap_rng = np.random.default_rng([seed, code, pair, j + 1])
     out.append({
         "image": encode_jpeg(render_scene(scene, image_size)),
         "index": index,
         "image_id": f"{split}_{index}",
         "file_name": "",
-        "captions": captions_for(scene, cap_rng),
+        "captions": captions,
         "dense_caption": dense_caption(scene),
         "has_dense": True,
         "scene": json.dumps(scene, sort_keys=True),
@@ -329,8 +346,10 @@ class SyntheticRegions(tfds.core.GeneratorBasedBuilder):
   # fails for a namespace/editable install; name them explicitly.
   pkg_dir_path = epath.Path(__file__).parent
   code_path = epath.Path(__file__)
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial generator."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial generator.",
+                   "1.1.0": "Shorter position-first captions (longest caption 45 -> 37 word "
+                            "pieces); info.metadata records the longest caption per split."}
   # No BUILDER_CONFIGS: tfds insists a config named like a predefined one be that very object,
   # which breaks pickling the data source into worker processes. Every config is custom and its
   # name encodes the settings.
@@ -350,11 +369,15 @@ class SyntheticRegions(tfds.core.GeneratorBasedBuilder):
                    image_size=int(image_size), seed=int(seed))
 
   def _info(self) -> tfds.core.DatasetInfo:
+    # metadata (saved with the data, `builder.info.metadata`): per split, the longest caption
+    # and dense caption in word pieces with [CLS]/[SEP] (`max_caption_pieces`,
+    # `max_dense_pieces`: {split: n}), so a config's max_len can be checked against the data.
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict(karpathy.example_features(
             scene=tfds.features.Text(), hard_negative=np.int32,
             difference=tfds.features.Text())),
         disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -365,10 +388,16 @@ class SyntheticRegions(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, num_images: int) -> Iterator:
     c = self.builder_config
+    meta = self.info.metadata
+    longest = meta.setdefault("max_caption_pieces", {})
+    longest_dense = meta.setdefault("max_dense_pieces", {})
+    longest[split] = longest_dense[split] = 0
     for index in range(num_images):
       if index % 2 == 0:
         pair = generate_pair(c.seed, split, index // 2, c.image_size)
       ex = pair[index % 2]
       if index == num_images - 1 and index % 2 == 0:
         ex = dict(ex, hard_negative=-1)
+      longest[split] = max([longest[split]] + [num_word_pieces(t) for t in ex["captions"]])
+      longest_dense[split] = max(longest_dense[split], num_word_pieces(ex["dense_caption"]))
       yield index, ex
