@@ -10,9 +10,15 @@ Training (`TrainLoader`): the batch of step `s` is a pure function of (seed, s):
   `{"seed", "step"}`: a loader built with `start_step=s` (or `set_state`) yields exactly the batches
   an uninterrupted one would.
 
+  Augmentation (config `data.*`): RandomResizedCrop with area fraction `crop_scale` ((1, 1) = no
+  crop, a plain resize) and a horizontal flip with probability `hflip` (0 = never); a flipped
+  image's caption (and dense caption) has "left" and "right" (and their variants) swapped, so the
+  words still describe the pixels.
+
   Batch (local, B = G / P): image [B, H, W, 3] float32 (normalised), input_ids [B, L] int32,
   attention_mask [B, L] int32, dense_ids [B, Ld] int32, dense_mask [B, Ld] int32,
-  image_index [B] int32 (index of the image within the split).
+  image_index [B] int32 (index of the image within the split); with cached frozen text features
+  (data/text_cache.py) also text_hidden [B, L, D_text] float16 (and dense_hidden [B, Ld, D_text]).
 
 Evaluation (`eval_image_batches`, `eval_caption_batches`): dataset order, no randomness. Global
 batch s covers images (or captions; caption j belongs to image j // 5) [s*G, (s+1)*G); process p
@@ -32,6 +38,7 @@ import dataclasses
 import io
 import math
 import multiprocessing
+import re
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -59,6 +66,7 @@ class Preprocess:
   mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
   std: tuple[float, float, float] = (0.229, 0.224, 0.225)
   crop_scale: tuple[float, float] = (0.6, 1.0)
+  hflip: float = 0.5
   max_len: int = 32
   dense_max_len: int = 90
   text_aug_prob: float = 0.2
@@ -70,6 +78,7 @@ class Preprocess:
                mean=tuple(float(x) for x in get("mean", cls.mean)),
                std=tuple(float(x) for x in get("std", cls.std)),
                crop_scale=tuple(float(x) for x in get("crop_scale", cls.crop_scale)),
+               hflip=float(get("hflip", cls.hflip)),
                max_len=int(get("max_len", 32)), dense_max_len=int(get("dense_max_len", 90)),
                text_aug_prob=float(get("text_aug_prob", 0.2)))
 
@@ -169,16 +178,51 @@ def normalize(image: np.ndarray, mean, std) -> np.ndarray:
   return image.astype(np.float32) * scale + offset
 
 
-def train_image(data: bytes, rng: np.random.Generator, pp: Preprocess, name: str) -> np.ndarray:
-  """RandomResizedCrop (bicubic) + horizontal flip + normalisation -> `[S, S, 3] float32`."""
+# Words a horizontal flip turns into each other (lower case; a capitalised word keeps its case).
+# "right" as in "correct" is swapped too: rare in captions, and harmless for the generated data.
+LEFT_RIGHT = {"left": "right", "right": "left", "leftmost": "rightmost",
+              "rightmost": "leftmost", "lefthand": "righthand", "righthand": "lefthand",
+              "leftward": "rightward", "rightward": "leftward", "leftwards": "rightwards",
+              "rightwards": "leftwards"}
+_LEFT_RIGHT_RE = re.compile(r"\b(" + "|".join(LEFT_RIGHT) + r")\b", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+  """`text` as it reads for the mirrored image: left <-> right (and the words in LEFT_RIGHT),
+  whole words only, keeping the case pattern ("Left" -> "Right", "LEFT" -> "RIGHT")."""
+  def sub(m):
+    word = m.group(0)
+    out = LEFT_RIGHT[word.lower()]
+    if word.isupper():
+      return out.upper()
+    return out.capitalize() if word[0].isupper() else out
+  return _LEFT_RIGHT_RE.sub(sub, text)
+
+
+def train_image_and_flip(data: bytes, rng: np.random.Generator, pp: Preprocess,
+                         name: str) -> tuple[np.ndarray, bool]:
+  """RandomResizedCrop (bicubic; `crop_scale` (1, 1) = a plain resize, no draws) + horizontal
+  flip with probability `pp.hflip` + normalisation -> (`[S, S, 3] float32`, flipped).
+
+  The flip draw is made whatever `hflip` is, so the stream the text augmentation reads after it
+  does not depend on the flip probability."""
   from PIL import Image
   img = decode_image(data, name)
-  x0, y0, w, h = random_resized_crop_box(rng, img.width, img.height, pp.crop_scale)
+  if tuple(pp.crop_scale) == (1.0, 1.0):
+    x0, y0, w, h = 0, 0, img.width, img.height
+  else:
+    x0, y0, w, h = random_resized_crop_box(rng, img.width, img.height, pp.crop_scale)
   out = img.resize((pp.image_size, pp.image_size), Image.BICUBIC, box=(x0, y0, x0 + w, y0 + h))
   arr = np.asarray(out)
-  if rng.random() < 0.5:
+  flipped = bool(rng.random() < pp.hflip)
+  if flipped:
     arr = arr[:, ::-1]
-  return normalize(arr, pp.mean, pp.std)
+  return normalize(arr, pp.mean, pp.std), flipped
+
+
+def train_image(data: bytes, rng: np.random.Generator, pp: Preprocess, name: str) -> np.ndarray:
+  """`train_image_and_flip` without the flag -> `[S, S, 3] float32`."""
+  return train_image_and_flip(data, rng, pp, name)[0]
 
 
 def eval_image(data: bytes, pp: Preprocess, name: str) -> np.ndarray:
@@ -199,16 +243,25 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
 
 
 def train_example(record: dict, rng: np.random.Generator, pp: Preprocess,
-                  tok: tokenizer_lib.Tokenizer) -> Batch:
-  """One training example: a random one of the image's captions, augmented image and text."""
+                  tok: tokenizer_lib.Tokenizer, *, with_choice: bool = False) -> Batch:
+  """One training example: a random one of the image's captions, augmented image and text (a
+  flipped image's captions read left/right swapped). `with_choice` adds `caption_choice` (which
+  caption) and `flipped`, what the cached text features are looked up by."""
   name = example_name(record)
   captions = record["captions"]
-  caption = _text(captions[int(rng.integers(len(captions)))])
-  image = train_image(record["image"], rng, pp, name)
+  choice = int(rng.integers(len(captions)))
+  caption = _text(captions[choice])
+  image, flipped = train_image_and_flip(record["image"], rng, pp, name)
+  dense = _text(record["dense_caption"])
+  if flipped:
+    caption, dense = swap_left_right(caption), swap_left_right(dense)
   ids, mask = tok.encode(caption, pp.max_len, rng=rng, aug_prob=pp.text_aug_prob)
-  dense_ids, dense_mask = tok.encode(_text(record["dense_caption"]), pp.dense_max_len)
-  return {"image": image, "input_ids": ids, "attention_mask": mask, "dense_ids": dense_ids,
-          "dense_mask": dense_mask, "image_index": np.int32(record["index"])}
+  dense_ids, dense_mask = tok.encode(dense, pp.dense_max_len)
+  out = {"image": image, "input_ids": ids, "attention_mask": mask, "dense_ids": dense_ids,
+         "dense_mask": dense_mask, "image_index": np.int32(record["index"])}
+  if with_choice:
+    out.update(caption_choice=np.int32(choice), flipped=np.bool_(flipped))
+  return out
 
 
 def read_records(source, indices) -> list[dict]:
@@ -237,6 +290,8 @@ class TrainBatches:
   seed: int
   process_index: int
   process_count: int
+  text_cache: Any = None  # text_cache.TextCache of the split's captions (frozen text tower)
+  dense_cache: Any = None  # ... of its dense captions (SEPS)
 
   @property
   def num_examples(self) -> int:
@@ -264,8 +319,17 @@ class TrainBatches:
   def __call__(self, step: int) -> Batch:
     epoch, idx = self.indices(step)
     records = read_records(self.source, idx)
-    return _stack([train_example(r, example_rng(self.seed, epoch, int(r["index"])), self.pp,
-                                 self.tok) for r in records])
+    cached = self.text_cache is not None or self.dense_cache is not None
+    batch = _stack([train_example(r, example_rng(self.seed, epoch, int(r["index"])), self.pp,
+                                  self.tok, with_choice=cached) for r in records])
+    if cached:
+      choice, flipped = batch.pop("caption_choice"), batch.pop("flipped")
+      if self.text_cache is not None:
+        batch["text_hidden"] = self.text_cache.lookup(batch["image_index"], choice, flipped)
+      if self.dense_cache is not None:
+        batch["dense_hidden"] = self.dense_cache.lookup(batch["image_index"], 0 * choice,
+                                                        flipped)
+    return batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +342,7 @@ class EvalImageBatches:
   global_batch_size: int
   process_index: int
   process_count: int
+  dense_cache: Any = None  # text_cache.TextCache of the split's dense captions
 
   @property
   def num_items(self) -> int:
@@ -301,8 +366,13 @@ class EvalImageBatches:
       images[k] = eval_image(r["image"], self.pp, example_name(r))
     dense_ids, dense_mask = self.tok.encode_batch(
         [_text(r["dense_caption"]) for r in records], self.pp.dense_max_len)
-    return {"image": images, "dense_ids": _pad(dense_ids, n), "dense_mask": _pad(dense_mask, n),
-            "image_index": np.where(valid, pos, -1).astype(np.int32), "valid": valid}
+    out = {"image": images, "dense_ids": _pad(dense_ids, n), "dense_mask": _pad(dense_mask, n),
+           "image_index": np.where(valid, pos, -1).astype(np.int32), "valid": valid}
+    if self.dense_cache is not None:
+      idx = pos[valid]
+      out["dense_hidden"] = _pad(self.dense_cache.lookup(idx, 0 * idx, np.zeros(len(idx), bool)),
+                                 n)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +386,7 @@ class EvalCaptionBatches:
   process_index: int
   process_count: int
   captions_per_image: int = 5
+  text_cache: Any = None  # text_cache.TextCache of the split's captions
 
   @property
   def num_items(self) -> int:
@@ -334,10 +405,14 @@ class EvalCaptionBatches:
              for i, j in zip(image_idx.tolist(), pos[valid].tolist())]
     ids, mask = self.tok.encode_batch(texts, self.pp.max_len)
     n = len(pos)
-    return {"input_ids": _pad(ids, n), "attention_mask": _pad(mask, n),
-            "caption_index": np.where(valid, pos, -1).astype(np.int32),
-            "image_index": np.where(valid, pos // self.captions_per_image, -1).astype(np.int32),
-            "valid": valid}
+    out = {"input_ids": _pad(ids, n), "attention_mask": _pad(mask, n),
+           "caption_index": np.where(valid, pos, -1).astype(np.int32),
+           "image_index": np.where(valid, pos // self.captions_per_image, -1).astype(np.int32),
+           "valid": valid}
+    if self.text_cache is not None:
+      out["text_hidden"] = _pad(self.text_cache.lookup(
+          image_idx, pos[valid] % self.captions_per_image, np.zeros(len(image_idx), bool)), n)
+    return out
 
 
 def _pad(x: np.ndarray, n: int) -> np.ndarray:
@@ -419,12 +494,13 @@ class TrainLoader:
   def __init__(self, source, tok: tokenizer_lib.Tokenizer, pp: Preprocess, *,
                global_batch_size: int, seed: int, start_step: int = 0,
                process_index: int | None = None, process_count: int | None = None,
-               num_workers: int = 0, prefetch: int = 2):
+               num_workers: int = 0, prefetch: int = 2, text_cache=None, dense_cache=None):
     self._it = None
     p, n = process_shard(process_index, process_count)
     self.batches = TrainBatches(source=source, tok=tok, pp=pp,
                                 global_batch_size=int(global_batch_size), seed=int(seed),
-                                process_index=p, process_count=n)
+                                process_index=p, process_count=n, text_cache=text_cache,
+                                dense_cache=dense_cache)
     self.batches.indices(0)  # validates sizes now, not in a worker
     self._num_workers, self._prefetch = int(num_workers), int(prefetch)
     self._step = int(start_step)
@@ -433,11 +509,19 @@ class TrainLoader:
   def from_config(cls, config, *, global_batch_size: int, seed: int, start_step: int = 0,
                   split: str = "train", process_index: int | None = None,
                   process_count: int | None = None, tok=None) -> "TrainLoader":
-    """From a full config (`config.data`, `config.model.text_hf_dir` for the vocabulary)."""
-    return cls(open_split(config.data, split), tok or tokenizer_from_config(config),
-               Preprocess.from_config(config.data), global_batch_size=global_batch_size,
-               seed=seed, start_step=start_step, process_index=process_index,
-               process_count=process_count, num_workers=config.data.get("num_workers", 0))
+    """From a full config (`config.data`, `config.model.text_hf_dir` for the vocabulary).
+    A frozen pretrained text tower's features come from the split's cache (data/text_cache.py,
+    built here on first use)."""
+    from gseps_jax.data import text_cache as cache_lib
+    source = open_split(config.data, split)
+    tok = tok or tokenizer_from_config(config)
+    caches = {f"{kind}_cache": cache_lib.for_split(config, source, split, kind=name, train=True,
+                                                   tok=tok)
+              for kind, name in (("text", "captions"), ("dense", "dense"))}
+    return cls(source, tok, Preprocess.from_config(config.data),
+               global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+               process_index=process_index, process_count=process_count,
+               num_workers=config.data.get("num_workers", 0), **caches)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -491,21 +575,24 @@ def _eval_iter(maker, num_workers: int) -> Iterator[Batch]:
 
 def eval_image_batches(source, tok, pp: Preprocess, *, global_batch_size: int,
                        process_index: int | None = None, process_count: int | None = None,
-                       num_workers: int = 0) -> Iterator[Batch]:
+                       num_workers: int = 0, dense_cache=None) -> Iterator[Batch]:
   """Eval images in dataset order: `image [B,H,W,3] float32`, `dense_ids`/`dense_mask [B,Ld]
-  int32`, `image_index [B] int32` (-1 for padding), `valid [B] bool`."""
+  int32`, `image_index [B] int32` (-1 for padding), `valid [B] bool`; with `dense_cache` also
+  `dense_hidden [B, Ld, D_text]`."""
   p, n = process_shard(process_index, process_count)
-  return _eval_iter(EvalImageBatches(source, tok, pp, int(global_batch_size), p, n), num_workers)
+  return _eval_iter(EvalImageBatches(source, tok, pp, int(global_batch_size), p, n,
+                                     dense_cache=dense_cache), num_workers)
 
 
 def eval_caption_batches(source, tok, pp: Preprocess, *, global_batch_size: int,
                          process_index: int | None = None, process_count: int | None = None,
-                         num_workers: int = 0) -> Iterator[Batch]:
+                         num_workers: int = 0, text_cache=None) -> Iterator[Batch]:
   """Eval captions in dataset order (5 per image): `input_ids`/`attention_mask [B, L] int32`,
-  `caption_index`, `image_index [B] int32` (-1 for padding), `valid [B] bool`."""
+  `caption_index`, `image_index [B] int32` (-1 for padding), `valid [B] bool`; with
+  `text_cache` also `text_hidden [B, L, D_text]`."""
   p, n = process_shard(process_index, process_count)
-  return _eval_iter(EvalCaptionBatches(source, tok, pp, int(global_batch_size), p, n),
-                    num_workers)
+  return _eval_iter(EvalCaptionBatches(source, tok, pp, int(global_batch_size), p, n,
+                                       text_cache=text_cache), num_workers)
 
 
 def to_global(batch: Batch, sharding) -> dict:
