@@ -93,6 +93,11 @@ class Evaluator:
       model = models.build_model(sparse_cfg)
       self.model = model
       self.uses_dense = False
+    # A frozen pretrained text tower: its features come from the split's cache (built once).
+    from gseps_jax.data import text_cache  # pylint: disable=g-import-not-at-top
+    self.text_cache = text_cache.for_split(config, self.source, split, tok=self.tok)
+    self.dense_cache = (text_cache.for_split(config, self.source, split, kind="dense",
+                                             tok=self.tok) if self.uses_dense else None)
     self._encode_img = jax.jit(functools.partial(model.apply, method="encode_images"))
     self._encode_txt = jax.jit(functools.partial(model.apply, method="encode_texts"))
     self._scorer = None
@@ -116,12 +121,15 @@ class Evaluator:
     kw = dict(global_batch_size=self.batch_size, num_workers=self.num_workers)
     jobs = [(self._encode_img, ["image"])]
     if self.uses_dense:
-      jobs.append((self._encode_txt, ["dense_ids", "dense_mask"]))
-    img_out = self._encode(params, pipeline.eval_image_batches(self.source, self.tok, self.pp,
-                                                               **kw), jobs, self.num_images)
-    (txt,) = self._encode(params, pipeline.eval_caption_batches(self.source, self.tok, self.pp,
-                                                                **kw),
-                          [(self._encode_txt, ["input_ids", "attention_mask"])],
+      jobs.append((self._encode_txt, ["dense_ids", "dense_mask"]
+                   + (["dense_hidden"] if self.dense_cache is not None else [])))
+    img_out = self._encode(params, pipeline.eval_image_batches(
+        self.source, self.tok, self.pp, dense_cache=self.dense_cache, **kw), jobs,
+                           self.num_images)
+    (txt,) = self._encode(params, pipeline.eval_caption_batches(
+        self.source, self.tok, self.pp, text_cache=self.text_cache, **kw),
+                          [(self._encode_txt, ["input_ids", "attention_mask"]
+                            + (["text_hidden"] if self.text_cache is not None else []))],
                           self.num_captions)
     return img_out[0], txt, (img_out[1] if self.uses_dense else None)
 
