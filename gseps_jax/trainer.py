@@ -239,7 +239,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   abstract_params = jax.eval_shape(
       lambda: model.init({"params": init_rng, "dropout": init_rng, "gumbel": init_rng,
                           "noise": init_rng}, sample, train=False)["params"])
-  tx, head_lr, _ = optim.make_optimizer(config.optim, steps_per_epoch, abstract_params)
+  tx, head_lr, _ = optim.make_optimizer(config.optim, steps_per_epoch, abstract_params,
+                                        total_steps=total_steps)
 
   with jax.set_mesh(mesh):
     state, abstract, state_shardings = create_train_state(
