@@ -59,6 +59,10 @@ def base_config():
   c.model.vision_hf_name = "google/vit-base-patch16-224-in21k"  # what to download (message only)
   c.model.text_hf_name = "bert-base-uncased"
   c.model.freeze_text = False
+  # A frozen pretrained text tower reads its features from a per-split cache computed once
+  # (gseps_jax/data/text_cache.py); False runs it every step. Also set
+  # optim.frozen_patterns = (r"^text_encoder/",) to skip its optimiser state.
+  c.model.cache_text = True
   c.model.embed_dim = 512
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
 
@@ -74,7 +78,9 @@ def base_config():
   c.data.dense_max_len = 90
   c.data.tokenizer_dir = ""  # dir with vocab.txt; "" = the text encoder's dir
   c.data.text_aug_prob = 0.2
-  c.data.crop_scale = (0.6, 1.0)
+  c.data.crop_scale = (0.6, 1.0)  # RandomResizedCrop area range; (1.0, 1.0) = no crop
+  c.data.hflip = 0.5  # horizontal flip probability (0 = off); a flip swaps left/right in captions
+  c.data.text_cache_dir = ""  # cached frozen text features; "" = <data_dir>/text_features
   c.data.num_workers = 0
   c.data.synthetic = ml_collections.ConfigDict(dict(num_train=5000, num_test=500, num_dev=200,
                                                     image_size=64, seed=0))
@@ -86,6 +92,9 @@ def base_config():
   c.optim.decay_epochs = (9, 15, 20, 25)
   c.optim.decay_factor = 0.3
   c.optim.warmup_steps = 0
+  c.optim.schedule = "step"  # step (x decay_factor at decay_epochs) | cosine (to min_lr_ratio*lr)
+  c.optim.min_lr_ratio = 0.0  # cosine: final lr / lr
+  c.optim.frozen_patterns = ()  # regexes of params never updated (no optimiser state)
   c.optim.clip_norm = 2.0
   c.optim.grad_accum = 1
   # Parameters trained at backbone_lr_mult x lr (regex over the '/'-joined param path).
@@ -168,11 +177,20 @@ def use_demo(c, image_size=32):
   c.model.text_hf_dir = str(tokenizer.installed_minilm_dir() or "")
   c.model.freeze_text = True
   c.model.embed_dim = 256
-  c.data.max_len = 16  # generated captions are short; halves the frozen MiniLM's cost
-  c.data.text_aug_prob = 0.0
-  # Only the frozen text tower is "backbone"; the from-scratch ViT trains at the full lr.
+  # The longest generated caption is 37 word pieces (synthetic.py records it in the dataset's
+  # metadata): 40 truncates none (16 cut ~60% of them, often the words that tell twins apart).
+  c.data.max_len = 40
+  c.data.text_aug_prob = 0.0  # (the frozen tower's features are cached; augmented text is not)
+  # The generated objects sit in a 3x3 grid of ~11 px cells at 32 px: a crop moves or cuts them,
+  # and a flip must swap left/right in the caption (pipeline.swap_left_right).
+  c.data.crop_scale = (1.0, 1.0)
+  c.data.hflip = 0.0
+  # Only the frozen text tower is "backbone"; the from-scratch ViT trains at the full lr. The
+  # frozen tower gets no updates and no optimiser state.
   c.optim.backbone_patterns = (r"^text_encoder/",)
+  c.optim.frozen_patterns = (r"^text_encoder/",)
   c.optim.decay_epochs = ()
+  c.optim.schedule = "cosine"  # decays to 0 at max_steps (sized to fit the time budget)
   c.train.batch_size = 64
   c.train.num_epochs = 100
   c.train.max_steps = 2000
