@@ -137,6 +137,103 @@ def base_config():
   return c
 
 
+# Allowed values of the choice fields (= gseps_jax.evaluate.PROTOCOLS, the prepare.BUILDERS keys
+# and models.MODELS keys; tests/test_cli.py checks they agree). Kept here so a config is checked
+# without importing JAX.
+EVAL_PROTOCOLS = ("flickr1k", "coco1k", "coco5k", "all", "full")
+DATASETS = ("coco_karpathy", "flickr30k_karpathy", "synthetic_regions")
+MODEL_NAMES = ("grm", "seps")
+LOSS_KINDS = ("hinge", "infonce")
+SPLITS = ("train", "dev", "test")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field, the value and what fits."""
+
+
+def _is_int(v):
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_POSITIVE = "a positive integer"
+# (dotted field, test, what is expected). Fields a config does not have are skipped (checkpoint
+# configs of older versions, model families without them).
+_RULES = (
+    ("model.name", lambda v: v in MODEL_NAMES, f"one of {MODEL_NAMES}"),
+    ("model.embed_dim", lambda v: _is_int(v) and v > 0, _POSITIVE),
+    ("data.name", lambda v: v in DATASETS, f"one of {DATASETS}"),
+    ("data.image_size", lambda v: _is_int(v) and v > 0, _POSITIVE + " (pixels)"),
+    ("data.max_len", lambda v: _is_int(v) and v > 0, _POSITIVE + " (tokens)"),
+    ("data.dense_max_len", lambda v: _is_int(v) and v > 0, _POSITIVE + " (tokens)"),
+    ("data.num_workers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("data.text_aug_prob", lambda v: _is_num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    ("data.crop_scale", lambda v: len(v) == 2 and all(_is_num(x) for x in v)
+     and 0 < v[0] <= v[1] <= 1, "two fractions (lo, hi) with 0 < lo <= hi <= 1"),
+    ("data.synthetic.num_train", lambda v: _is_int(v) and v > 0, _POSITIVE),
+    ("data.synthetic.num_dev", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("data.synthetic.num_test", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("data.synthetic.image_size", lambda v: _is_int(v) and v > 0, _POSITIVE + " (pixels)"),
+    ("optim.lr", lambda v: _is_num(v) and v >= 0, "a learning rate >= 0"),
+    ("optim.backbone_lr_mult", lambda v: _is_num(v) and v >= 0, "a multiplier >= 0"),
+    ("optim.weight_decay", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    ("optim.decay_factor", lambda v: _is_num(v) and v > 0, "a factor > 0"),
+    ("optim.warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (steps)"),
+    ("optim.clip_norm", lambda v: _is_num(v) and v > 0, "a gradient norm > 0"),
+    ("optim.grad_accum", lambda v: _is_int(v) and v > 0, _POSITIVE + " (steps per update)"),
+    ("loss.kind", lambda v: v in LOSS_KINDS, f"one of {LOSS_KINDS}"),
+    ("loss.margin", lambda v: _is_num(v) and v >= 0, "a margin >= 0"),
+    ("loss.init_temperature", lambda v: _is_num(v) and v > 0, "a temperature > 0"),
+    ("train.batch_size", lambda v: _is_int(v) and v > 0, _POSITIVE + " (examples per step)"),
+    ("train.num_epochs", lambda v: _is_int(v) and v > 0, _POSITIVE),
+    ("train.max_steps", lambda v: _is_int(v) and (v > 0 or v == -1),
+     "a positive step count, or -1 for no cap"),
+    ("train.log_every", lambda v: _is_int(v) and v > 0, _POSITIVE + " (steps)"),
+    ("train.eval_every", lambda v: _is_int(v) and v >= -1,
+     "a step interval > 0, 0 (never) or -1 (once per epoch)"),
+    ("train.eval_on", lambda v: v in SPLITS, f"one of {SPLITS}"),
+    ("train.final_eval_split", lambda v: v in SPLITS + ("",), f"one of {SPLITS} or ''"),
+    ("eval.batch_size", lambda v: _is_int(v) and v > 0, _POSITIVE),
+    ("eval.chunk", lambda v: _is_int(v) and v > 0, _POSITIVE + " (pair tile size)"),
+    ("eval.protocol", lambda v: v in EVAL_PROTOCOLS, f"one of {EVAL_PROTOCOLS}"),
+    ("mesh.data", lambda v: _is_int(v) and (v > 0 or v == -1),
+     "a positive device count, or -1 for all devices"),
+    ("mesh.fsdp", lambda v: _is_int(v) and v > 0, _POSITIVE + " (devices)"),
+    ("checkpoint.every_steps", lambda v: _is_int(v) and v > 0, _POSITIVE + " (steps)"),
+    ("checkpoint.keep", lambda v: _is_int(v) and v > 0, _POSITIVE + " (checkpoints kept)"),
+)
+
+
+def validate(c) -> None:
+  """Rejects values that cannot work before anything is built (batch 0, intervals 0, negative
+  sizes, unknown names): a ZeroDivisionError deep in the trainer, or a failure after an hour of
+  training at the final evaluation, becomes one sentence naming the field. Called by the CLIs
+  after the flags are parsed and by `trainer.train_and_evaluate`.
+
+  Raises:
+    ConfigError: `config.<field> = <value> is invalid: expected <what>.` (the first bad field).
+  """
+  for dotted, ok, expected in _RULES:
+    node, found = c, True
+    for key in dotted.split("."):
+      if not hasattr(node, "get") or key not in node:
+        found = False
+        break
+      node = node[key]
+    if not found:
+      continue
+    try:
+      good = bool(ok(node))
+    except TypeError:  # a value of the wrong kind (e.g. None where a tuple is expected)
+      good = False
+    if not good:
+      raise ConfigError(f"config.{dotted} = {node!r} is invalid: expected {expected} "
+                        f"(--config.{dotted}=...).")
+
+
 def use_tiny(c):
   """`:tiny`, shared by every model family: random 2-layer encoders (width 64) on 64 px images of
   a 64-image generated set (built on first use), batch 8, 2 steps — CPU tests and smoke runs."""

@@ -19,7 +19,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from absl import flags
 from etils import epath
 from jax import shard_map
@@ -239,15 +238,31 @@ def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode="honest
 
 
 def main(argv):
-  del argv
-  logging.getLogger().setLevel(logging.INFO)
+  from gseps_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from gseps_jax import cli  # pylint: disable=g-import-not-at-top
+  from gseps_jax import fileio  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments {argv[1:]}: flags are written --name=value.")
+  if _CHUNK.value is not None and _CHUNK.value < 1:
+    raise cli.UserError(f"--chunk={_CHUNK.value} is invalid: expected a positive pair tile size.")
+  if _SPLIT.value not in ("train", "dev", "test"):
+    raise cli.UserError(f"--split={_SPLIT.value} is invalid: expected train, dev or test.")
+  # Paths resolved once here: orbax refuses relative ones.
+  path, out = fileio.resolve_path(_CKPT.value), fileio.resolve_path(_OUT.value)
+  data_dir = fileio.resolve_path(_DATA_DIR.value)
+  workdir, _ = ckpt_lib.resolve(path)  # a missing checkpoint: one sentence, before JAX starts
+  if out:
+    config, _, _ = ckpt_lib.load_config_from_checkpoint(path)
+    fileio.check_out_not_source(out, ("checkpoint folder", ckpt_lib.checkpoint_dir(workdir)),
+                                ("data_dir", data_dir or config.data.get("data_dir")))
+  cli.quiet_data_progress()
   from gseps_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()
-  evaluate_checkpoint(_CKPT.value, split=_SPLIT.value, protocol=_PROTOCOL.value,
-                      dense_mode=_DENSE.value, out=_OUT.value, save_scores=_SAVE.value,
-                      chunk=_CHUNK.value, data_dir=_DATA_DIR.value)
+  evaluate_checkpoint(path, split=_SPLIT.value, protocol=_PROTOCOL.value,
+                      dense_mode=_DENSE.value, out=out, save_scores=_SAVE.value,
+                      chunk=_CHUNK.value, data_dir=data_dir)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["checkpoint"])
-  app.run(main)
+  from gseps_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+  _cli.run_absl(main, required=("checkpoint",))

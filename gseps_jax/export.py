@@ -601,35 +601,43 @@ def _define_flags():
 
 
 def main(argv):
-  """Runs `_run`; expected failures (bad paths, mismatched state dicts) print one clear line."""
-  try:
-    _run(argv)
-  except (FileNotFoundError, FileExistsError, ExportError, ckpt_lib.CheckpointMismatchError) as e:
-    raise SystemExit(f"export: error: {e}") from e
-
-
-def _run(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
+  """Checks and resolves the command line, then exports or imports. Expected failures (bad
+  paths, mismatched state dicts, an --out that would replace its own inputs) print one line
+  (`cli.run_absl`)."""
+  from gseps_jax import cli  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise cli.UserError(f"unexpected arguments {argv[1:]}: flags are written --name=value.")
   f = FLAGS
   if not f.out:
-    raise app.UsageError("--out is required.")
+    raise cli.UserError("--out is required (the folder to write).")
+  out = fileio.resolve_path(f.out)
   if f.from_official:
     if f.config is None:
-      raise app.UsageError("--from_official needs --config (the model's config file).")
-    path = import_official(f.from_official, f.config, f.out, overwrite=f.overwrite,
+      raise cli.UserError("--from_official needs --config (the model's config file).")
+    from configs import common  # pylint: disable=g-import-not-at-top
+    cli.resolve_config_paths(f.config)
+    common.validate(f.config)
+    pth = fileio.resolve_path(f.from_official)
+    if f.overwrite:
+      fileio.check_out_not_source(out, ("--from_official file", pth))
+    path = import_official(pth, f.config, out, overwrite=f.overwrite,
                            trust_pickle=f.trust_pickle)
     print(f"Imported {f.from_official} -> {path} (step 0).")
     return
   if not f.checkpoint:
-    raise app.UsageError("Pass --checkpoint (export) or --from_official (import).")
-  path = export(f.checkpoint, f.out, format=f.format, overwrite=f.overwrite,
-                tokenizer_dir=f.tokenizer_dir)
+    raise cli.UserError("Pass --checkpoint (export) or --from_official (import).")
+  checkpoint = fileio.resolve_path(f.checkpoint)
+  tokenizer_dir = fileio.resolve_path(f.tokenizer_dir)
+  workdir, _ = ckpt_lib.resolve(checkpoint)
+  if f.overwrite:  # replacing --out must never delete what the export is made from
+    fileio.check_out_not_source(out, ("--checkpoint workdir", workdir),
+                                ("--tokenizer_dir", tokenizer_dir))
+  path = export(checkpoint, out, format=f.format, overwrite=f.overwrite,
+                tokenizer_dir=tokenizer_dir)
   print(f"Exported {f.checkpoint} ({f.format}) -> {path}")
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from gseps_jax import cli as _cli  # pylint: disable=g-import-not-at-top
   FLAGS = _define_flags()
-  app.run(main)
+  _cli.run_absl(main, user_errors_extra=(ExportError,))

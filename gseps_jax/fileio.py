@@ -2,6 +2,7 @@
 checkpoints, indexes and exports may live on `gs://` as well as on local disk."""
 
 import contextlib
+import os
 import uuid
 
 from etils import epath
@@ -15,6 +16,71 @@ def absolute(path) -> epath.Path:
   """`path` as an epath.Path; a local path made absolute (a `gs://` URI already is)."""
   path = epath.Path(path)
   return path if is_remote(path) else path.absolute()
+
+
+def resolve_path(path):
+  """A path given by a user, as the absolute string every library call gets: a local path is
+  `~`-expanded and made absolute against the current directory (orbax refuses relative paths, and
+  a later `chdir` must not move it); a URL such as `gs://bucket/x` is returned untouched (never
+  through pathlib: `os.fspath(pathlib.Path("gs://b/x"))` is "gs:/b/x"). None and "" (= unset)
+  are returned as they are. Called once, at the command-line boundary."""
+  if path is None or str(path) == "":
+    return path
+  path = str(path)
+  if is_remote(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))  # local-path-ok: local branch
+
+
+def read_utf8(path, error=ValueError) -> str:
+  """The text of a UTF-8 file (local or `gs://`). Invalid bytes raise `error` naming the file,
+  line and byte ('utf-8' codec can't decode byte 0xe9 in position 602 says neither)."""
+  data = epath.Path(path).read_bytes()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    raise error(f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column "
+                f"{column}); save the file as UTF-8.") from None
+
+
+def _location(path) -> str:
+  """Comparable form of a path: symlinks resolved locally, trailing slashes dropped on URLs."""
+  path = str(path)
+  if is_remote(path):
+    return path.rstrip("/")
+  return os.path.realpath(os.path.expanduser(path))  # local-path-ok: local branch
+
+
+def check_out_not_source(out, *sources) -> None:
+  """Refuses an output folder that is, contains or lies inside one of `sources`.
+
+  Call it before anything is written: replacing (`--overwrite`) such an output would delete the
+  inputs it is made from (e.g. `export --checkpoint=W --out=W --overwrite` deleted the training
+  workdir). Each source is a path or a `(label, path)` pair, e.g. `("--checkpoint", workdir)`;
+  unset ones (None, "") are skipped.
+
+  Raises:
+    FileExistsError: naming the output, the source and how they overlap.
+  """
+  o = _location(out)
+  for src in sources:
+    label, src = src if isinstance(src, tuple) else ("source", src)
+    if src is None or str(src) == "":
+      continue
+    s = _location(src)
+    if o == s:
+      how = "is"
+    elif s.startswith(o.rstrip("/") + "/"):
+      how = "contains"
+    elif o.startswith(s.rstrip("/") + "/"):
+      how = "lies inside"
+    else:
+      continue
+    raise FileExistsError(
+        f"Output {out} {how} the {label} {src}: choose an output folder outside every input "
+        f"(nothing was written or deleted).")
 
 
 @contextlib.contextmanager

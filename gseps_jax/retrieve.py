@@ -166,7 +166,7 @@ def _text(x) -> str:
 def _read_dense_file(path, names: list[str]) -> dict[str, str]:
   """`{"image": name, "dense_caption": text}` lines -> name -> text (every image, no extras)."""
   out = {}
-  with epath.Path(path).open("r", encoding="utf-8") as f:
+  with io.StringIO(fileio.read_utf8(path), newline=None) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -561,7 +561,7 @@ def _restore(checkpoint: str, data_dir: str | None = None):
 
 
 def _read_lines(path) -> list[str]:
-  lines = [ln.rstrip("\n") for ln in epath.Path(path).read_text(encoding="utf-8").splitlines()]
+  lines = [ln.rstrip("\n") for ln in fileio.read_utf8(path).splitlines()]
   lines = [ln for ln in lines if ln.strip()]
   if not lines:
     raise ValueError(f"{path} has no non-empty lines.")
@@ -570,6 +570,11 @@ def _read_lines(path) -> list[str]:
 
 def cmd_index(args) -> int:
   config, model, params, step = _restore(args.checkpoint, args.data_dir)
+  if args.overwrite:  # replacing --out must never delete what the index is built from
+    fileio.check_out_not_source(
+        args.out, ("--checkpoint workdir", ckpt_lib.resolve(args.checkpoint)[0]),
+        ("--images folder", None if args.images.startswith(DATASET_PREFIX) else args.images),
+        ("--dense file", args.dense), ("data_dir", config.data.get("data_dir")))
   retriever = Retriever(config, model, params, batch_size=args.batch_size)
   source = open_images(args.images, config, args.dense)
   out = build_index(retriever, source, args.out, checkpoint=args.checkpoint, step=step,
@@ -646,6 +651,7 @@ def cmd_explain(args) -> int:
     return 0
   if not (args.image and args.text and args.out):
     raise ValueError("explain needs --image, --text and --out (or --queries and --html).")
+  fileio.check_out_not_source(args.out, ("--image", args.image))
   out, _ = explainer(args.image, args.text, out=args.out, dense_caption=args.dense_caption)
   print(f"Wrote {out}.")
   if args.html:
@@ -659,7 +665,11 @@ def make_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m gseps_jax.retrieve",
                               description=__doc__.split("\n", 1)[0])
   sub = p.add_subparsers(dest="command", required=True)
-  ix = sub.add_parser("index", help="Encode images once into an index directory.")
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("-v", "--verbosity", type=int, default=-1,
+                      help="-1 warnings (default), 0 INFO logs of orbax/JAX too, 1 debug.")
+  ix = sub.add_parser("index", help="Encode images once into an index directory.",
+                      parents=[common])
   ix.add_argument("--checkpoint", required=True,
                   help="Training workdir or WORKDIR/checkpoints/STEP.")
   ix.add_argument("--images", required=True, help="A folder of image files, or dataset:SPLIT.")
@@ -669,7 +679,7 @@ def make_parser() -> argparse.ArgumentParser:
   ix.add_argument("--data_dir", default=None, help="Override config.data.data_dir.")
   ix.add_argument("--overwrite", action="store_true", help="Replace an existing index.")
   ix.set_defaults(fn=cmd_index)
-  q = sub.add_parser("query", help="Text -> images or image -> captions.")
+  q = sub.add_parser("query", help="Text -> images or image -> captions.", parents=[common])
   q.add_argument("--index", required=True)
   q.add_argument("--checkpoint", default=None, help="Default: the one recorded in the index.")
   q.add_argument("--text", default=None)
@@ -679,7 +689,8 @@ def make_parser() -> argparse.ArgumentParser:
   q.add_argument("--k", type=int, default=5)
   q.add_argument("--json", action="store_true", help="Machine-readable output.")
   q.set_defaults(fn=cmd_query)
-  e = sub.add_parser("explain", help="Figure of what the model selects for (image, text).")
+  e = sub.add_parser("explain", help="Figure of what the model selects for (image, text).",
+                     parents=[common])
   e.add_argument("--checkpoint", required=True)
   e.add_argument("--image", default=None)
   e.add_argument("--text", default=None)
@@ -691,20 +702,36 @@ def make_parser() -> argparse.ArgumentParser:
   return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = make_parser().parse_args(argv)
+# Arguments that name files or folders (resolved once, before any command runs).
+PATH_ARGS = ("checkpoint", "out", "dense", "data_dir", "index", "image", "captions", "html",
+             "queries")
+
+
+def _dispatch(args) -> int:
   if getattr(args, "k", 1) < 1:
     raise ValueError(f"--k must be >= 1, got {args.k}.")
+  for name in PATH_ARGS:
+    if getattr(args, name, None):
+      setattr(args, name, fileio.resolve_path(getattr(args, name)))
+  images = getattr(args, "images", None)
+  if images and not images.startswith(DATASET_PREFIX):
+    args.images = fileio.resolve_path(images)
   return args.fn(args)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """Parses `argv` and runs the command; errors propagate (the console entry is `_cli`)."""
+  return _dispatch(make_parser().parse_args(argv))
+
+
 def _cli() -> None:
-  try:
-    sys.exit(main())
-  except (IndexMismatchError, ckpt_lib.CheckpointMismatchError, FileNotFoundError,
-          FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from gseps_jax import cli  # pylint: disable=g-import-not-at-top
+  args = make_parser().parse_args()
+  cli.setup_logging(args.verbosity)
+  if args.command == "index":
+    cli.quiet_data_progress()
+  # Every error this module raises for a user's input is a ValueError (IndexMismatchError too).
+  sys.exit(cli.run(_dispatch, args, user_errors_extra=(IndexMismatchError, ValueError)))
 
 
 if __name__ == "__main__":

@@ -2,21 +2,20 @@ r"""Train GRM / SEPS / LAPS: `python -m gseps_jax.train --config=configs/grm_vit
 
 Any config field can be overridden (`--config.train.batch_size=64`); a typo is an error.
 Variants: `--config=configs/grm_vit.py:tiny` (also `:demo`, `:384`). Re-running the same
-command resumes from the newest checkpoint in `--workdir`.
+command resumes from the newest checkpoint in `--workdir`. Paths (the workdir and the config's
+data/weight folders) may be relative, absolute or `gs://`. `--verbosity=0` shows the INFO logs of
+orbax, tfds and JAX (quiet by default).
 
 Multi-host: on a TPU pod slice or under SLURM, JAX discovers the other processes itself; on other
 clusters set GSEPS_COORDINATOR=host:port, GSEPS_NUM_PROCESSES and GSEPS_PROCESS_ID (or the flags
 below). Every process runs this same command.
 """
 
-import logging
-import sys
-
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from gseps_jax import distributed
+from gseps_jax import cli
+from gseps_jax import fileio
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file[:variant].",
                                           lock_config=True)
@@ -29,21 +28,21 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
-  del argv
-  logging.getLogger().setLevel(logging.INFO)
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments {argv[1:]}: flags are written --name=value.")
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  cli.resolve_config_paths(config)
+  common.validate(config)  # before JAX starts: one sentence, not an error after compiling
+  workdir = fileio.resolve_path(_WORKDIR.value)
+  cli.quiet_data_progress()
+  # JAX is imported only now: a mistake above is reported without waiting for it.
+  from gseps_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize(coordinator=_COORD.value, num_processes=_NPROC.value,
                                process_id=_PID.value)
-  from gseps_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
-  from gseps_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (trainer.SetupError, prepare.NotPreparedError, checkpoint.CheckpointMismatchError,
-          trainer.NonFiniteLossError) as e:
-    # Expected, actionable failures: the message says what to do; no traceback.
-    sys.exit(f"error: {e}")
+  trainer.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run_absl(main, required=("config", "workdir"))

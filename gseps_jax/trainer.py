@@ -210,11 +210,22 @@ def preflight(config) -> None:
         "downloaded use --config=configs/grm_vit.py:demo.")
 
 
+def _validate(config) -> None:
+  """configs.common.validate (invalid values as one sentence, before anything is built); the
+  repository's `configs` package is absent when gseps_jax is installed alone: nothing to check."""
+  try:
+    from configs import common  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  common.validate(config)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
   from gseps_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
+  _validate(config)
   preflight(config)
   workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
@@ -253,7 +264,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if restored is not None:
       state, saved_meta = restored
       data.set_state(saved_meta["data_state"])
-      log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+      log.warning("Resumed from %s at step %d.", ckpt.directory, int(state.step))
     start_step = int(state.step)
 
     step_fn = jit_train_step(config, model, tx, mesh, state_shardings, steps_per_epoch)

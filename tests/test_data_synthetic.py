@@ -128,7 +128,7 @@ def test_prepare_cli_idempotent(built, capsys):
       f"--{k}={v}" for k, v in SIZES.items()]
   assert prepare.main(args) == 0
   assert "already prepared" in capsys.readouterr().out
-  assert prepare.main(args[:1] + ["--data_dir=" + cfg["data_dir"], "--num_train=0"]) == 1
+  assert prepare.main(args[:1] + ["--data_dir=" + cfg["data_dir"], "--num_train=0"]) == 2
   assert "num_train must be >= 1" in capsys.readouterr().err
 
 

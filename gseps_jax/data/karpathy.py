@@ -81,8 +81,13 @@ class ImageRecord:
 
 def _read_lines(path: Path) -> list[str]:
   # Same reading as the official loader: universal newlines, each line stripped.
-  with open(path, encoding="utf-8") as f:
-    return [line.strip() for line in f]
+  return [line.strip() for line in io.StringIO(_read_text(path), newline=None)]
+
+
+def _read_text(path: Path) -> str:
+  """The file's text; bytes that are not UTF-8 are a DataFormatError naming file and line."""
+  from gseps_jax import fileio  # pylint: disable=g-import-not-at-top
+  return fileio.read_utf8(path, DataFormatError)
 
 
 def _require_file(path: Path, what: str) -> None:
@@ -95,7 +100,7 @@ def load_id_mapping(manual_dir: Path) -> dict[str, str]:
   path = manual_dir / ID_MAPPING
   _require_file(path, "id mapping")
   try:
-    mapping = json.loads(path.read_text(encoding="utf-8"))
+    mapping = json.loads(_read_text(path))
   except json.JSONDecodeError as e:
     raise DataFormatError(f"{path} line {e.lineno}: not valid JSON ({e.msg}).") from e
   if not isinstance(mapping, dict):
@@ -130,7 +135,7 @@ class ImageResolver:
 def read_dense(path: Path, num_images: int, caps_path: Path) -> list[str]:
   """Dense captions of a split: `[num_images]` texts from a jsonl with one object per image."""
   texts = []
-  with open(path, encoding="utf-8") as f:
+  with io.StringIO(_read_text(path), newline=None) as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue

@@ -126,24 +126,32 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--num_test", type=int, default=500)
   p.add_argument("--image_size", type=int, default=64, help="synthetic image side in pixels")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("-v", "--verbosity", type=int, default=-1,
+                 help="-1 warnings (default), 0 INFO logs of tfds too, 1 debug.")
   return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, console: bool = False) -> int:
+  """Builds the dataset the flags describe -> exit status (2: a user's mistake, printed as one
+  `error:` line). Paths may be relative, absolute or `gs://`. `console` (the command line, not
+  tests) sets up quiet logging first."""
+  from gseps_jax import cli  # pylint: disable=g-import-not-at-top
+  from gseps_jax import fileio  # pylint: disable=g-import-not-at-top
   a = parse_args(argv)
+  if console:
+    cli.setup_logging(a.verbosity)
+    cli.quiet_data_progress()
   data_config = {
-      "name": a.dataset, "data_dir": a.data_dir, "manual_dir": a.manual_dir,
-      "image_dir": a.image_dir,
+      "name": a.dataset, "data_dir": fileio.resolve_path(a.data_dir),
+      "manual_dir": fileio.resolve_path(a.manual_dir),
+      "image_dir": fileio.resolve_path(a.image_dir),
       "synthetic": {"num_train": a.num_train, "num_dev": a.num_dev, "num_test": a.num_test,
                     "image_size": a.image_size, "seed": a.seed},
   }
-  try:
-    prepare(data_config)
-  except (karpathy.DataFormatError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+  # This module's ValueErrors are all about the arguments (unknown dataset, sizes).
+  return cli.run(lambda c: prepare(c) and 0, data_config,
+                 user_errors_extra=(karpathy.DataFormatError, ValueError))
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(console=True))
