@@ -219,3 +219,61 @@ def test_open_split_errors(data):
     _loader(data, None, global_batch_size=32)
   with pytest.raises(ValueError, match="not divisible"):
     _loader(data, None, global_batch_size=9, process_count=2)
+
+
+def test_swap_left_right_words():
+  s = pipeline.swap_left_right
+  assert s("a circle at the top left and a square on the right") == (
+      "a circle at the top right and a square on the left")
+  assert s("Left of the LEFT door, the leftmost cat; rightmost. right-handed") == (
+      "Right of the RIGHT door, the rightmost cat; leftmost. left-handed")
+  # Whole words only.
+  assert s("a bright copyright sign, lefty") == "a bright copyright sign, lefty"
+  text = "left right leftmost rightmost lefthand rightward"
+  assert s(s(text)) == text and s(text) != text
+
+
+def _half_white_png():
+  arr = np.zeros((24, 24, 3), np.uint8)
+  arr[:, 12:] = 255  # white on the right
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _record():
+  return {"image": _half_white_png(), "index": 3, "image_id": "x", "file_name": "",
+          "captions": ["white on the right , dark on the left"] * 5,
+          "dense_caption": "the white half is on the right"}
+
+
+@pytest.mark.parametrize("hflip", [0.5, 0.0])
+def test_flip_swaps_caption_and_dense_caption(tok, hflip):
+  pp = pipeline.Preprocess(image_size=8, crop_scale=(1.0, 1.0), hflip=hflip, max_len=12,
+                           dense_max_len=12, text_aug_prob=0.0)
+  swap = pipeline.swap_left_right
+  cap, dense = _record()["captions"][0], _record()["dense_caption"]
+  seen = set()
+  for seed in range(30):
+    ex = pipeline.train_example(_record(), np.random.default_rng(seed), pp, tok)
+    white_right = ex["image"][:, -1].mean() > ex["image"][:, 0].mean()
+    seen.add(bool(white_right))
+    want_cap, want_dense = (cap, dense) if white_right else (swap(cap), swap(dense))
+    assert ex["input_ids"].tolist() == tok.encode(want_cap, 12)[0].tolist()
+    assert ex["dense_ids"].tolist() == tok.encode(want_dense, 12)[0].tolist()
+  assert seen == ({True, False} if hflip else {True})  # prob 0 never flips
+
+
+def test_crop_scale_one_is_identity_resize():
+  rng = np.random.default_rng(0)
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(buf, format="PNG")
+  data = buf.getvalue()
+  pp = pipeline.Preprocess(image_size=16, crop_scale=(1.0, 1.0), hflip=0.0)
+  ev = pipeline.eval_image(data, pp, "x")
+  for seed in range(5):
+    np.testing.assert_array_equal(
+        pipeline.train_image(data, np.random.default_rng(seed), pp, "x"), ev)
+  cropped = pipeline.Preprocess(image_size=16, crop_scale=(0.6, 1.0), hflip=0.0)
+  assert any(not np.array_equal(pipeline.train_image(data, np.random.default_rng(s), cropped,
+                                                     "x"), ev) for s in range(5))

@@ -134,7 +134,12 @@ def cache_dir(data_config) -> epath.Path:
 def compute_features(texts: Sequence[str], path, *, encoder, params, tok, max_len: int,
                      batch_size: int = 256, desc: str = "text features") -> None:
   """Runs `encoder` (train=False) over `texts` and writes float16 `[len(texts), max_len, D]` to
-  `path` atomically (a temporary file renamed at the end), printing a progress line."""
+  `path` atomically (a temporary file renamed at the end), printing a progress line.
+
+  Texts run in order of length, each batch padded only to its longest text (rounded up to a
+  multiple of 8: a few compiled shapes); outputs at padding positions are stored as zeros. The
+  valid positions equal a full-length run (padding keys are masked out of attention and position
+  embeddings are absolute), and the models read only valid positions (`attention_mask`)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   path = epath.Path(path)
@@ -146,19 +151,25 @@ def compute_features(texts: Sequence[str], path, *, encoder, params, tok, max_le
   table = None
   t0 = time.time()
   try:
-    for start in range(0, n, batch_size):
-      chunk = list(texts[start:start + batch_size])
-      ids, mask = tok.encode_batch(chunk, max_len)
-      k = len(chunk)
-      if k < batch_size:  # one compiled shape
+    lengths = np.array([len(x) for x in texts])  # characters: a cheap proxy for the order
+    order = np.argsort(lengths, kind="stable")
+    for done_before in range(0, n, batch_size):
+      rows = np.sort(order[done_before:done_before + batch_size])
+      ids, mask = tok.encode_batch([texts[r] for r in rows], max_len)
+      k = len(rows)
+      width = min(max_len, -(-int(mask.sum(1).max()) // 8) * 8)
+      ids, mask = ids[:, :width], mask[:, :width]
+      if k < batch_size:  # one compiled batch size
         ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - k, 0)])
         mask = np.concatenate([mask, np.repeat(mask[-1:], batch_size - k, 0)])
-      out = np.asarray(apply(params, ids, mask))[:k]
+      out = np.asarray(apply(params, ids, mask))[:k] * mask[:k, :, None]
       if table is None:
         table = np.lib.format.open_memmap(str(tmp), mode="w+", dtype=np.float16,
-                                          shape=(n,) + out.shape[1:])
-      table[start:start + k] = out.astype(np.float16)
-      done = start + k
+                                          shape=(n, max_len) + out.shape[2:])
+      full = np.zeros((k, max_len) + out.shape[2:], np.float16)
+      full[:, :width] = out
+      table[rows] = full
+      done = done_before + k
       rate = done / max(time.time() - t0, 1e-6)
       print(f"\r{desc}: {done}/{n} texts ({rate:.0f}/s, ETA {(n - done) / rate:.0f} s)",
             end="" if done < n else "\n", file=sys.stderr, flush=True)
