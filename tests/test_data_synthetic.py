@@ -137,3 +137,34 @@ def test_prepare_command_matches_config(built):
   cmd = prepare.prepare_command(cfg)
   assert cmd.startswith("python -m gseps_jax.data.prepare --dataset=synthetic_regions")
   assert "--num_train=24" in cmd and "--image_size=32" in cmd and "--seed=3" in cmd
+
+
+def _pieces(tok, text):
+  return len(tok.backend.encode(text, add_special_tokens=False).ids) + 2
+
+
+def test_metadata_records_longest_caption(built):
+  cfg, _ = built
+  # A builder read back from disk (not the one that generated the data) has the metadata.
+  builder = prepare.ensure_prepared(cfg)
+  tok = tokenizer.load_tokenizer(tokenizer.installed_minilm_dir())
+  meta = builder.info.metadata
+  for split in ("train", "dev", "test"):
+    src = _src(builder, split)
+    caps = [_s(c) for k in range(len(src)) for c in src[k]["captions"]]
+    dense = [_s(src[k]["dense_caption"]) for k in range(len(src))]
+    assert meta["max_caption_pieces"][split] == max(_pieces(tok, c) for c in caps)
+    assert meta["max_dense_pieces"][split] == max(_pieces(tok, d) for d in dense)
+
+
+def test_demo_max_len_fits_generated_captions():
+  """The demo's data.max_len truncates under 1% of the captions of its training split (the
+  first 1,000 pairs of seed 0, as built), counted with the real tokenizer."""
+  from configs import grm_vit, seps_vit
+  tok = tokenizer.load_tokenizer(tokenizer.installed_minilm_dir())
+  lengths = np.array([_pieces(tok, c) for p in range(1000)
+                      for _, _, caps in synthetic.pair_scenes(0, "train", p) for c in caps])
+  assert lengths.max() > 16  # the old max_len=16 cut most captions (this test would fail)
+  for mod in (grm_vit, seps_vit):
+    max_len = mod.get_config("demo").data.max_len
+    assert np.mean(lengths > max_len) < 0.01, (mod.__name__, max_len, lengths.max())
