@@ -168,7 +168,8 @@ _RULES = (
     ("data.name", lambda v: v in DATASETS, f"one of {DATASETS}"),
     ("data.image_size", lambda v: _is_int(v) and v > 0, _POSITIVE + " (pixels)"),
     ("data.max_len", lambda v: _is_int(v) and v > 0, _POSITIVE + " (tokens)"),
-    ("data.dense_max_len", lambda v: _is_int(v) and v > 0, _POSITIVE + " (tokens)"),
+    ("data.dense_max_len", lambda v: _is_int(v) and (v == 0 or v >= 2),
+     "0 (auto: the longest dense caption of the data, at most 512) or a length >= 2 (tokens)"),
     ("data.num_workers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     ("data.text_aug_prob", lambda v: _is_num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
     ("data.crop_scale", lambda v: len(v) == 2 and all(_is_num(x) for x in v)

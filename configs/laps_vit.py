@@ -15,6 +15,7 @@ def get_config(arg=None):
   c = seps_vit.base_seps(common.VIT_B16, rho=0.5, alpha=0.4)
   c.model.seps.use_dense = False
   c.model.seps.ratio_weight = 2.0
+  c.data.dense_max_len = 2  # no dense branch: the (unused) dense caption is [CLS] [SEP] only
   c = seps_vit.apply_variants(c, flags, kv)
   c.model.vision_hf_name = common.pretrained_name(c.model.vision, c.data.image_size)
   c.model.seps.use_dense = False

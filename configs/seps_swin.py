@@ -2,6 +2,7 @@
 
 Run:  python -m gseps_jax.train --config configs/seps_swin.py --workdir runs/seps_swin
 Variants as configs/seps_vit.py: `384` = Swin-B window-12 at 384 px (num_patches 144, N_c 69),
+`parity` (train and evaluate with the official, answer-leaking dense pairing; default honest),
 `tiny`, `demo`, key=value overrides of `model.seps.*`. Swin has no CLS: with the official
 selection the image tower gets no gradient (see gseps_jax/models/seps.py).
 Model selection on dev uses the sparse branch only (no dense captions for dev).

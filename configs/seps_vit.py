@@ -2,8 +2,11 @@
 
 Run:  python -m gseps_jax.train --config configs/seps_vit.py --workdir runs/seps_vit
 Variants (comma-separated, `--config configs/seps_vit.py:tiny`):
-  384   ViT-B/16 at 384 px (num_patches 576, N_c 115).
-  tiny  random 2-layer ViT/BERT at 64 px for CPU tests.
+  384     ViT-B/16 at 384 px (num_patches 576, N_c 115).
+  parity  train AND evaluate with the official dense-caption pairing (dense_mode="parity"; the
+          caption's own ground-truth dense caption is a second query, which leaks the answer:
+          for comparison with the paper only). The default is "honest" for both.
+  tiny    random 2-layer ViT/BERT at 64 px for CPU tests.
   demo  the generated `synthetic_regions` data set (details set by the demo owner).
   key=value pairs override `model.seps.*` fields, e.g. `dense_mode=honest,selection=straight_through`.
 
@@ -15,6 +18,15 @@ aux['ratio_loss'] (a constant: no gradient, so it is not added to the loss).
 Model selection: there is no dense-caption file for the dev split, so `train.eval_on = "dev"`
 evaluates with the SPARSE branch only (`eval.dev_use_dense = False`); test results use both
 branches. Every result states `eval.dense_mode` (parity | honest).
+
+Dense captions: one mode for training and evaluation. `eval.dense_mode` is a reference to
+`model.seps.dense_mode` (setting either sets both); `python -m gseps_jax.evaluate --dense_mode=`
+can still score a checkpoint the other way (the results then say so), and `--dense_shuffle` runs
+the leak audit. Dense captions are tokenised at full length (`data.dense_max_len = 0`: the
+longest dense caption of the data, [CLS] and [SEP] included, at most BERT's 512 positions; the
+official code pads each batch to its longest and never truncates); parity evaluation keeps the
+first `eval_text_cut` = 90 token FEATURES of that full-length encoding, as the official
+`encode_data`; honest evaluation keeps them all.
 """
 
 import ml_collections
@@ -31,11 +43,11 @@ def seps_defaults(rho: float, alpha: float) -> ml_collections.ConfigDict:
       dim_ratio=0.2,  # aggregation MLP hidden = int(0.2 * embed_dim)
       use_sparse=True,
       use_dense=True,  # False = LAPS (sparse caption branch only)
-      dense_mode="parity",  # training pairing: parity (official) | honest
+      dense_mode="honest",  # pairing in training AND evaluation: honest | parity (official)
       selection="official",  # official (no gradient through selection) | straight_through
       st_temperature=0.05,  # soft-mask temperature of the straight-through backward pass
       precision="highest",  # head matmul precision (highest = PyTorch fp32)
-      eval_text_cut=90,  # parity eval keeps the first 90 text tokens, as the official code
+      eval_text_cut=90,  # parity eval keeps the first 90 text token features (official)
       ratio_weight=2.0,  # weight of the reported (constant) official ratio term
       train_chunk=0,  # pair tile of the in-batch scores; 0 = one tile
   ))
@@ -46,9 +58,11 @@ def apply_variants(c, flags, kv):
   if "384" in flags:
     c.model.vision.image_size = 384
     c.data.image_size = 384
+  if "parity" in flags:
+    c.model.seps.dense_mode = "parity"  # eval.dense_mode follows (a reference)
   if "tiny" in flags:
     common.use_tiny(c)
-    c.data.dense_max_len = 24
+    c.data.dense_max_len = 24  # CPU smoke tests: a fixed short length (truncates dense captions)
     c.model.seps.eval_text_cut = 20
   if "demo" in flags:
     # Embedded demo, as configs/grm_vit.py:demo: generated shapes at 32 px (dense captions
@@ -81,7 +95,9 @@ def base_seps(vision, rho: float, alpha: float) -> ml_collections.ConfigDict:
   c.loss.margin = 0.2
   c.loss.warmup_epochs = 1
   c.optim.backbone_patterns = (r"^vision_encoder/", r"^text_encoder/")
-  c.eval.dense_mode = "honest"  # our results; pass parity to compare with the paper
+  c.data.dense_max_len = 0  # full length: the longest dense caption of the data (<= 512)
+  # One pairing for training and evaluation: eval.dense_mode IS model.seps.dense_mode.
+  c.eval.dense_mode = c.model.seps.get_ref("dense_mode")
   c.eval.dev_use_dense = False  # no dense captions for dev (see module docstring)
   c.eval.chunk = 64  # SEPS pair tile (images x captions); per pair ~130 KB at ViT-224
   return c

@@ -6,9 +6,11 @@ calls on precomputed token sets; SEPS: caption-dependent selection per tile), th
 R@1/5/10, median/mean rank and rSum. The same `Evaluator` runs inside the training loop.
 
 Protocols: flickr1k (whole 1K test), full (every pair of the split, any size), coco1k (mean over the 5 folds of 1,000 images), coco5k
-(whole 5K test), all (coco1k and coco5k). SEPS: `--dense_mode=honest` (default: the dense
-caption describes the candidate image) or `parity` (the official code's behaviour: the caption's
-own ground-truth dense caption — leaks the answer; reported as such).
+(whole 5K test), all (coco1k and coco5k). SEPS: `--dense_mode=honest` (the dense caption
+describes the candidate image) or `parity` (the official code's behaviour: the caption's own
+ground-truth dense caption — leaks the answer; reported as such); default: the mode the
+checkpoint was trained with. `--dense_shuffle` (leak audit) also scores both modes with the
+dense captions permuted among the images and reports the rSum drop next to the unshuffled rSum.
 """
 
 import functools
@@ -99,7 +101,7 @@ class Evaluator:
                                              tok=self.tok) if self.uses_dense else None)
     self._encode_img = jax.jit(functools.partial(model.apply, method="encode_images"))
     self._encode_txt = jax.jit(functools.partial(model.apply, method="encode_texts"))
-    self._scorer = None
+    self._scorers = {}  # dense_mode -> jitted scorer
 
   # -- encoding -------------------------------------------------------------------------------
   def _encode(self, params, batches, jobs, n):
@@ -133,12 +135,12 @@ class Evaluator:
     return img_out[0], txt, (img_out[1] if self.uses_dense else None)
 
   # -- scoring --------------------------------------------------------------------------------
-  def _make_scorer(self):
+  def _make_scorer(self, mode):
     """jit(shard_map): each device scores its rows of images against every caption."""
     rows = P(sharding.BATCH_AXES)
-    parity = self.uses_dense and self.dense_mode == "parity"
+    parity = self.uses_dense and mode == "parity"
     dense_spec = P() if parity else rows
-    model, chunk, mode = self.model, self.chunk, self.dense_mode
+    model, chunk = self.model, self.chunk
 
     def local(params, img, txt, dense, caption_image):
       kw = {}
@@ -154,19 +156,66 @@ class Evaluator:
 
     return jax.jit(scorer)
 
-  def scores(self, params, feats=None) -> jax.Array:
-    """[n_images, n_captions] scores as a jax.Array whose rows are sharded over the mesh."""
+  def scores(self, params, feats=None, *, dense_mode=None) -> jax.Array:
+    """[n_images, n_captions] scores as a jax.Array whose rows are sharded over the mesh
+    (`dense_mode`: default the evaluator's)."""
+    mode = dense_mode or self.dense_mode
     img, txt, dense = feats if feats is not None else self.encode(params)
     ni = self.num_images
     ndev = self.mesh.devices.size
     img = jax.tree.map(lambda a: _pad_rows(a, ndev), img)
-    if dense is not None and not (self.dense_mode == "parity"):
+    if dense is not None and not (mode == "parity"):
       dense = jax.tree.map(lambda a: _pad_rows(a, ndev), dense)
     caption_image = np.arange(self.num_captions, dtype=np.int32) // self.captions_per_image
-    if self._scorer is None:
-      self._scorer = self._make_scorer()
-    sims = self._scorer(params, img, txt, dense, caption_image)
+    if mode not in self._scorers:
+      self._scorers[mode] = self._make_scorer(mode)
+    sims = self._scorers[mode](params, img, txt, dense, caption_image)
     return sims[:ni]
+
+  def leak_audit(self, params, *, seed: int = 0) -> dict:
+    """Dense-caption leak audit: every dense mode scored with the dense captions as indexed and
+    with them permuted among the images (`dense_derangement(seed)`: no image keeps its own).
+
+    Parity pairs each caption with its ground-truth image's dense caption, so shuffling shows
+    how much of its score comes from that answer; honest guides image i by dense_i, so shuffling
+    shows how much the image-side description helps. The captions and images are encoded once;
+    the permutation moves the encoded dense captions (each is encoded on its own, so this equals
+    permuting the texts).
+
+    Returns:
+      {"seed", "derangement": True, "<mode>": {"unshuffled": metrics, "shuffled": metrics,
+       "rsum_drop": unshuffled - shuffled rSum, "max_abs_score_change": max |S - S_shuffled|}
+       for mode in parity, honest}.
+    """
+    if not self.uses_dense:
+      raise ValueError(
+          "--dense_shuffle needs a SEPS model with a dense branch evaluated on a split with "
+          f"dense captions (model {self.config.model.name!r}, split {self.split!r}; dev has "
+          "none unless config.eval.dev_use_dense).")
+    feats = self.encode(params)
+    img, txt, dense = feats
+    perm = dense_derangement(self.num_images, seed)
+    shuffled = (img, txt, jax.tree.map(lambda a: np.asarray(a)[perm], dense))
+    out = {"seed": int(seed), "derangement": True}
+    for mode in ("parity", "honest"):
+      sims = {name: self.scores(params, f, dense_mode=mode)
+              for name, f in (("unshuffled", feats), ("shuffled", shuffled))}
+      res = {name: self._metrics(s) for name, s in sims.items()}
+      res["rsum_drop"] = _rsum(res["unshuffled"]) - _rsum(res["shuffled"])
+      res["max_abs_score_change"] = float(jnp.max(jnp.abs(sims["unshuffled"] - sims["shuffled"])))
+      out[mode] = res
+    return out
+
+  def _metrics(self, sims) -> dict:
+    cpi = self.captions_per_image
+    if self.protocol in ("flickr1k", "coco5k", "full"):
+      out = metrics_lib.retrieval_metrics(sims, cpi)
+    elif self.protocol == "coco1k":
+      out = metrics_lib.coco_1k_folds(sims, cpi)
+    else:  # all
+      out = {f"5k_{k}": v for k, v in metrics_lib.retrieval_metrics(sims, cpi).items()}
+      out.update(metrics_lib.coco_1k_folds(sims, cpi))
+    return {k: float(v) for k, v in out.items()}
 
   def run(self, params, *, save_scores: str | None = None) -> dict:
     t0 = time.time()
@@ -197,8 +246,14 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "Training workdir or WORKDIR/che
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
 _PROTOCOL = flags.DEFINE_enum("protocol", None, PROTOCOLS, "Evaluation protocol (default: the "
                               "config's eval.protocol).")
-_DENSE = flags.DEFINE_enum("dense_mode", "honest", ("honest", "parity"), "SEPS dense-caption "
-                           "mode (parity = the official, answer-leaking evaluation).")
+_DENSE = flags.DEFINE_enum("dense_mode", None, ("honest", "parity"), "SEPS dense-caption "
+                           "mode (default: the mode the model was trained with; parity = the "
+                           "official, answer-leaking evaluation).")
+_SHUFFLE = flags.DEFINE_bool("dense_shuffle", False, "SEPS leak audit: also score parity and "
+                             "honest with the dense captions permuted among the images and "
+                             "report the rSum drop next to the unshuffled numbers.")
+_SHUFFLE_SEED = flags.DEFINE_integer("dense_shuffle_seed", 0, "Seed of the --dense_shuffle "
+                                     "permutation (a derangement).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: CHECKPOINT workdir/eval_"
                            "<split>).")
 _SAVE = flags.DEFINE_bool("save_scores", False, "Also write the score matrix as scores.npy.")
@@ -206,8 +261,38 @@ _CHUNK = flags.DEFINE_integer("chunk", None, "Pair tile size (default: config ev
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
 
 
-def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode="honest", out=None,
-                        save_scores=False, chunk=None, data_dir=None) -> dict:
+def dense_derangement(n: int, seed: int) -> np.ndarray:
+  """`[n]` permutation without fixed points (n >= 2): one n-cycle through a seeded random order,
+  so image order[k] gets the dense caption of image order[k + 1]."""
+  if n < 2:
+    raise ValueError(f"--dense_shuffle needs at least 2 images, got {n}.")
+  order = np.random.default_rng([int(seed), 0x5EB5]).permutation(n)
+  perm = np.empty(n, np.int64)
+  perm[order] = np.roll(order, -1)
+  return perm
+
+
+def _rsum(m: dict) -> float:
+  return m["rsum"] if "rsum" in m else m["5k_rsum"]
+
+
+def format_audit(audit: dict) -> str:
+  """The leak audit as a table: rSum per dense mode, unshuffled / shuffled / drop."""
+  lines = [f"dense-caption leak audit (dense captions permuted among images, seed "
+           f"{audit['seed']})", f"{'dense_mode':>10} | {'rsum':>7} | {'shuffled':>8} | "
+           f"{'drop':>7}"]
+  for mode in ("parity", "honest"):
+    r = audit[mode]
+    lines.append(f"{mode:>10} | {_rsum(r['unshuffled']):7.2f} | {_rsum(r['shuffled']):8.2f} | "
+                 f"{r['rsum_drop']:7.2f}")
+  return "\n".join(lines)
+
+
+def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode=None, out=None,
+                        save_scores=False, chunk=None, data_dir=None, dense_shuffle=False,
+                        dense_shuffle_seed=0) -> dict:
+  """Evaluates a checkpoint; `dense_mode=None` = the mode it was trained with (SEPS);
+  `dense_shuffle` adds the leak audit (`Evaluator.leak_audit`) to results.json and the output."""
   from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
   from gseps_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   config, step, _ = ckpt_lib.load_config_from_checkpoint(path)
@@ -215,6 +300,8 @@ def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode="honest
     config.data.data_dir = data_dir
   mesh = sharding.make_mesh(config.mesh)
   config, model, params, step = trainer.restore_params(path, mesh, config)
+  if dense_mode is None and config.model.name == "seps":
+    dense_mode = config.model.seps.get("dense_mode")  # evaluated as trained
   ev = Evaluator(config, model, mesh, split=split, protocol=protocol, dense_mode=dense_mode,
                  chunk=chunk)
   workdir, _ = ckpt_lib.resolve(path)
@@ -222,10 +309,14 @@ def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode="honest
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
   m = ev.run(params, save_scores=str(out / "scores.npy") if save_scores else None)
+  trained_mode = (config.model.seps.get("dense_mode") if config.model.name == "seps" else None)
   result = {"metrics": m, "protocol": ev.protocol, "split": split, "checkpoint_step": step,
             "model": config.model.name,
             "dense_mode": ev.dense_mode if ev.uses_dense else None,
+            "trained_dense_mode": trained_mode if ev.uses_dense else None,
             "timings": {"encode_s": m["encode_seconds"], "score_s": m["score_seconds"]}}
+  if dense_shuffle:
+    result["leak_audit"] = ev.leak_audit(params, seed=dense_shuffle_seed)
   if jax.process_index() == 0:
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
@@ -233,6 +324,8 @@ def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode="honest
     mode = f", dense_mode={ev.dense_mode}" if ev.uses_dense else ""
     print(format_table(m if "rsum" in m else {k[3:]: v for k, v in m.items()},
                        title=f"{config.model.name} {split} {ev.protocol} (step {step}{mode})"))
+    if dense_shuffle:
+      print(format_audit(result["leak_audit"]))
     print(f"encode {m['encode_seconds']:.1f}s, score {m['score_seconds']:.1f}s -> {out}/results.json")
   return result
 
@@ -260,7 +353,8 @@ def main(argv):
   distributed.maybe_initialize()
   evaluate_checkpoint(path, split=_SPLIT.value, protocol=_PROTOCOL.value,
                       dense_mode=_DENSE.value, out=out, save_scores=_SAVE.value,
-                      chunk=_CHUNK.value, data_dir=data_dir)
+                      chunk=_CHUNK.value, data_dir=data_dir, dense_shuffle=_SHUFFLE.value,
+                      dense_shuffle_seed=_SHUFFLE_SEED.value)
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ def loss_fn(params, batch, rng, step, *, model, config, steps_per_epoch):
   sims, aux = model.apply({"params": params}, batch, train=True, rngs=rngs)
   epoch_f = step / steps_per_epoch
   warmup = epoch_f < config.loss.warmup_epochs
-  # Official recipe: during the warm-up epoch the all-negative loss is scaled by i / n_batches.
-  warmup_scale = jnp.minimum(1.0, (step % steps_per_epoch + 1) / steps_per_epoch)
+  # Official recipe: during the warm-up epoch the all-negative loss of batch i is scaled by
+  # i / n_batches (the first batch weighs 0).
+  warmup_scale = jnp.minimum(1.0, (step % steps_per_epoch) / steps_per_epoch)
   return losses.total_loss(sims, aux, batch, config, params=params, warmup=warmup,
                            warmup_scale=warmup_scale)
 
@@ -227,6 +228,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   _validate(config)
   preflight(config)
+  pipeline.resolve_dense_max_len(config)  # 0 = full length: the concrete length, before saving
   workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
@@ -325,15 +327,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.train.final_eval_split and (
         final_step == total_steps or (config.train.max_minutes > 0 and not signals)):
       split = config.train.final_eval_split
-      final = eval_lib.Evaluator(config, model, mesh, split=split).run(state.params)
+      final_ev = eval_lib.Evaluator(config, model, mesh, split=split)
+      final = final_ev.run(state.params)
       writer.write(final_step, final, f"{split}/")
       results[split] = final
+      mode = final_ev.dense_mode if final_ev.uses_dense else None  # SEPS: always stated
+      results["dense_mode"] = mode
       if is_main:  # written whole or not at all
         tmp = workdir / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
         tmp.rename(workdir / "results.json")
         print(eval_lib.format_table(final, title=f"{config.model.name} {split} "
-                                    f"(step {final_step})"))
+                                    f"(step {final_step}"
+                                    + (f", dense_mode={mode})" if mode else ")")))
     writer.close()
     ckpt.close()
     return results

@@ -29,10 +29,18 @@ Dense captions (`dense_mode`):
   * "parity": the official behaviour. The dense text is a second query paired with the caption:
     caption j's dense text is the one of its ground-truth image (training: the same batch row;
     evaluation: `caption_image[j]`). Dense branch(I, j) = SDTPS(I guided by dense_j) aligned with
-    dense_j's words. At evaluation all text features are cut to `eval_text_cut` tokens (the
-    official encoder stores 90 positions; dense captions then lose [SEP]).
-  * "honest": the dense text describes the CANDIDATE image. Dense branch(I, j) = SDTPS(I guided by
-    dense_I) aligned with the QUERY caption j's words. Nothing about the query's answer leaks.
+    dense_j's words. At evaluation all text FEATURES are cut to `eval_text_cut` positions (the
+    official `encode_data` stores 90 positions of the full-length encoding, and the head slices
+    `embs[i, :length]`, which stops at 90): the text mean and HRPA cover the first 90 features,
+    dense captions lose [SEP], and those 90 features have seen the whole caption.
+  * "honest" (the default): the dense text describes the CANDIDATE image. Dense branch(I, j) =
+    SDTPS(I guided by dense_I) aligned with the QUERY caption j's words. Nothing about the
+    query's answer leaks. Honest mode uses every feature of the full-length encoding (no cut):
+    the cut is an artefact of the official evaluation's storage, not part of the method, and the
+    dense caption only enters through its mean, so cutting would only throw information away.
+  In both modes dense captions are tokenised at full length (`config.data.dense_max_len = 0`:
+  the longest dense caption of the data, at most 512; see gseps_jax/data/pipeline.py), in
+  training and evaluation, as the official code (which pads each batch to its longest caption).
 
 Selection gradients (`selection`):
   * "official": as the official code, the selection scores, the top-k, the gathered patches, the
@@ -133,6 +141,14 @@ def masked_mean(tokens: Array, mask: Array) -> Array:
   """[..., L, D], [..., L] -> [..., D] mean over valid positions (0 for an empty mask)."""
   m = mask.astype(tokens.dtype)
   return jnp.einsum("...ld,...l->...d", tokens, m) / jnp.maximum(m.sum(-1), 1.0)[..., None]
+
+
+def parity_text_cut(tokens: Array, mask: Array, cut: int) -> tuple[Array, Array]:
+  """The official evaluation's text storage: the first `cut` positions of the token features
+  `[N, L, D]` and of the mask `[N, L]` (a text longer than `cut` loses its tail, [SEP]
+  included; the features kept were computed from the whole text)."""
+  cut = min(int(cut), tokens.shape[1])
+  return tokens[:, :cut], mask[:, :cut]
 
 
 def prepare_texts(tokens: Array, mask: Array) -> dict:
@@ -534,8 +550,8 @@ class SEPS(nn.Module):
     num_aggregated: N_c.
     rho, dim_ratio, use_sparse, use_dense, dense_mode, selection, st_temperature, precision: head
       settings (`SEPSHead`); `dense_mode` is the training pairing and the default for `score`.
-    eval_text_cut: parity-mode evaluation keeps only the first this-many text tokens (official
-      encode_data stores 90 positions); <= 0 disables.
+    eval_text_cut: parity-mode evaluation keeps only the first this-many text token FEATURES of
+      the full-length encoding (official encode_data stores 90 positions); <= 0 disables.
     ratio_weight: weight of the reported (constant) official ratio term.
     freeze_text: stop gradients at the text encoder's output.
     train_chunk: pair tile for the in-batch [B, B] scores (None = one tile).
@@ -549,7 +565,7 @@ class SEPS(nn.Module):
   dim_ratio: float = 0.2
   use_sparse: bool = True
   use_dense: bool = True
-  dense_mode: str = "parity"
+  dense_mode: str = "honest"
   selection: str = "official"
   st_temperature: float = 0.05
   precision: str = "highest"
@@ -666,10 +682,11 @@ class SEPS(nn.Module):
         # equal gathering d_tok[caption_image]; see `pair_scores(dense_index=...)`).
         dense_index = jnp.asarray(caption_image)
     if mode == "parity" and self.eval_text_cut > 0:
-      cut = self.eval_text_cut
-      cap_mask = cap_mask & (jnp.arange(cap_mask.shape[1]) < cut)
-      if d_mask is not None:
-        d_mask = d_mask & (jnp.arange(d_mask.shape[1]) < cut)
+      # The official evaluation stores the first `cut` features of each (full-length) text
+      # encoding: slicing the features (not the tokens) keeps what they saw of the whole text.
+      cap_tok, cap_mask = parity_text_cut(cap_tok, cap_mask, self.eval_text_cut)
+      if d_tok is not None:
+        d_tok, d_mask = parity_text_cut(d_tok, d_mask, self.eval_text_cut)
     return self.cross_net(img_feats["tokens"], cap_tok, cap_mask, d_tok, d_mask,
                           dense_mode=mode, chunk=chunk, dense_index=dense_index)
 
