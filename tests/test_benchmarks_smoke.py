@@ -65,3 +65,29 @@ def test_floors_take_the_binding_limit():
   np.testing.assert_allclose(fl["floor_bf16_s"], 1.0)
   fl = roofline.floors(0.0, 3.35e12)["H100-SXM"]
   np.testing.assert_allclose(fl["floor_bf16_s"], 1.0)
+
+
+def test_demo_table_ceiling_from_generator_ground_truth():
+  """benchmarks/demo_table.py's ceiling: hand cases of the tie formula, and on a small generated
+  split every caption fits its own image, captions naming fewer attributes fit more images, and
+  the bound is below a perfect 600."""
+  import demo_table  # pylint: disable=g-import-not-at-top
+  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  tie = demo_table.expected_recall_ties
+  assert tie(1, 1, 1) == 1.0 and tie(2, 1, 1) == 0.5 and tie(4, 1, 5) == 1.0
+  assert tie(10, 5, 1) == 0.5 and tie(7, 5, 1) == pytest.approx(5 / 7)
+  assert tie(7, 5, 2) == pytest.approx(1 - 1 / 21)  # both top-2 from the 2 others: 1/C(7,2)
+  gt = synthetic.split_ground_truth(0, "test", 40)
+  assert len(gt) == 40 and all(len(caps) == 5 for caps in gt)
+  assert all(i in s for i, caps in enumerate(gt) for s in caps)
+  # A caption naming only shapes and positions fits a twin that differs in colour or size.
+  twins = 0
+  for pair in range(20):
+    (a, diff_a, _), (b, diff_b, _) = synthetic.pair_scenes(0, "test", pair)
+    if diff_b in ("colour", "size"):
+      assert synthetic.template_signature(a, 5) == synthetic.template_signature(b, 5)
+      assert synthetic.template_signature(a, 0) != synthetic.template_signature(b, 0)
+      twins += 1
+  assert twins > 0
+  c = demo_table.ceiling(0, "test", 40)
+  assert 300 < c["rsum"] < 600 and c["t2i_r1"] < 100 and c["captions_fitting_several"] > 0

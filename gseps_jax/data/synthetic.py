@@ -216,8 +216,30 @@ def _obj(o: dict, *fields: str) -> str:
   return f"{_article(words[0])} {' '.join(words)}"
 
 
-def captions_for(scene: dict, rng: np.random.Generator) -> list[str]:
-  """5 distinct captions of varying detail and word order, each true of the scene."""
+# What each caption template (in `captions_for` order) says about a scene: the multiset of these
+# object fields (every template names every object; the object order is random). A caption of
+# template t describes exactly the scenes with the same `template_signature(scene, t)`.
+TEMPLATE_FIELDS = (
+    ("size", "colour", "shape", "cell"),  # full detail
+    ("colour", "shape"),  # colour + shape + count
+    ("size", "colour", "shape", "cell"),  # position first
+    ("colour", "shape", "cell"),  # total count, then colour + shape + position
+    ("size", "colour", "shape"),  # size + colour + shape + count
+    ("shape", "cell"),  # shape + position only
+)
+
+
+def template_signature(scene: dict, template: int) -> tuple:
+  """What a caption of `template` says about `scene` (hashable; equal = the caption fits)."""
+  fields = TEMPLATE_FIELDS[template]
+  return tuple(sorted(tuple(tuple(o[f]) if f == "cell" else o[f] for f in fields)
+                      for o in scene["objects"]))
+
+
+def captions_for(scene: dict, rng: np.random.Generator, *,
+                 with_templates: bool = False) -> list[str] | tuple[list[str], list[int]]:
+  """5 distinct captions of varying detail and word order, each true of the scene
+  (`with_templates`: also the template index of each, see TEMPLATE_FIELDS)."""
   objs = list(scene["objects"])
   n = len(objs)
 
@@ -248,7 +270,9 @@ def captions_for(scene: dict, rng: np.random.Generator) -> list[str]:
   caps = [templates[t]() for t in chosen]
   if len(set(caps)) != 5:  # Not reachable with the templates above (distinct prefixes/suffixes).
     raise AssertionError(f"duplicate captions generated: {caps}")
-  return caps
+  if len(templates) != len(TEMPLATE_FIELDS):
+    raise AssertionError("TEMPLATE_FIELDS must describe every caption template.")
+  return (caps, [int(t) for t in chosen]) if with_templates else caps
 
 
 def dense_caption(scene: dict) -> str:
@@ -288,6 +312,26 @@ def pair_scenes(seed: int, split: str, pair: int) -> list[tuple[dict, str, list[
   neg, attribute = hard_negative(base, rng)
   return [(scene, diff, captions_for(scene, np.random.default_rng([seed, code, pair, j + 1])))
           for j, (scene, diff) in enumerate(((base, ""), (neg, attribute)))]
+
+
+def split_ground_truth(seed: int, split: str, num_images: int) -> list[list[set[int]]]:
+  """For each image i of a split and each of its 5 captions, the set of images of the split the
+  caption describes (always containing i; twins that differ only in an attribute the caption
+  does not mention are in it too): the ceiling of retrieval on the generated data."""
+  scenes, templates = [], []
+  for pair in range((num_images + 1) // 2):
+    code = SPLIT_CODES[split]
+    for j, (scene, _, _) in enumerate(pair_scenes(seed, split, pair)):
+      if 2 * pair + j < num_images:
+        scenes.append(scene)
+        rng = np.random.default_rng([seed, code, pair, j + 1])
+        templates.append(captions_for(scene, rng, with_templates=True)[1])
+  by_sig: dict[tuple, set[int]] = {}
+  for i, scene in enumerate(scenes):
+    for t in range(len(TEMPLATE_FIELDS)):
+      by_sig.setdefault((t, template_signature(scene, t)), set()).add(i)
+  return [[by_sig[(t, template_signature(scene, t))] for t in ts]
+          for scene, ts in zip(scenes, templates)]
 
 
 def generate_pair(seed: int, split: str, pair: int, image_size: int) -> list[dict]:
