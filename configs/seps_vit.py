@@ -58,8 +58,6 @@ def apply_variants(c, flags, kv):
   if "384" in flags:
     c.model.vision.image_size = 384
     c.data.image_size = 384
-  if "parity" in flags:
-    c.model.seps.dense_mode = "parity"  # eval.dense_mode follows (a reference)
   if "tiny" in flags:
     common.use_tiny(c)
     c.data.dense_max_len = 24  # CPU smoke tests: a fixed short length (truncates dense captions)
@@ -77,6 +75,8 @@ def apply_variants(c, flags, kv):
     c.eval.dense_mode = "honest"
     c.eval.dev_use_dense = True  # the generated dev split has dense captions
     c.eval.chunk = 50
+  if "parity" in flags:  # last: also overrides the demo's honest mode
+    c.model.seps.dense_mode = "parity"  # eval.dense_mode follows (a reference)
   for k, v in kv.items():
     if k not in c.model.seps:
       raise KeyError(f"Unknown SEPS variant key {k!r}; known: {sorted(c.model.seps)}.")

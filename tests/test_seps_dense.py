@@ -162,6 +162,8 @@ def test_dense_mode_same_for_training_and_evaluation():
   assert c.eval.dense_mode == "parity"
   c = seps_vit.get_config("dense_mode=parity")
   assert c.eval.dense_mode == "parity"
+  c = seps_vit.get_config("demo,parity")  # parity also wins over the demo's mode
+  assert (c.model.seps.dense_mode, c.eval.dense_mode) == ("parity", "parity")
   assert seps.SEPS.from_config(seps_vit.get_config().model).dense_mode == "honest"
   assert seps.SEPS.dense_mode == "honest"
   assert laps_vit.get_config().model.seps.use_dense is False

@@ -151,7 +151,7 @@ def _recorded_pieces(builder_dir: str, tok_dir: str) -> dict:
   tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
   try:
     tmp.write_text(json.dumps(table, indent=2, sort_keys=True))
-    tmp.rename(path)
+    tmp.replace(path)  # atomic; another process may have written it meanwhile
   except OSError as e:  # a read-only data_dir: measured again by the next process
     logging.getLogger(__name__).warning("Cannot record dense caption lengths in %s: %s", path, e)
   return pieces
