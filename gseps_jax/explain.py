@@ -30,12 +30,12 @@ import functools
 import html
 import io
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 DPI = 100
 PANEL_IN = 3.0  # inches; PANEL_IN * DPI is an integer so the PNG size is exact
@@ -104,7 +104,7 @@ def image_bytes(image) -> tuple[bytes, str]:
   decode + resize + normalise path as evaluation (`pipeline.eval_image`).
   """
   if isinstance(image, (str, os.PathLike)):
-    path = Path(image)
+    path = epath.Path(image)  # a local file or gs://
     if not path.is_file():
       raise FileNotFoundError(f"Image {path} does not exist.")
     return path.read_bytes(), str(path)
@@ -351,18 +351,18 @@ def png_bytes(fig) -> bytes:
   return buf.getvalue()
 
 
-def save_png(fig, out) -> Path:
-  """Writes the figure atomically (temporary file + rename)."""
-  out = Path(out)
+def save_png(fig, out) -> epath.Path:
+  """Writes the figure atomically (temporary file + rename; `out` may be on gs://)."""
+  out = epath.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
   tmp.write_bytes(png_bytes(fig))
-  os.replace(tmp, out)
+  tmp.replace(out)
   return out
 
 
 def html_report(explainer: Explainer, queries: Sequence[tuple[Any, str]], out, *,
-                title: str = "") -> Path:
+                title: str = "") -> epath.Path:
   """A self-contained HTML page (PNG figures embedded as base64) for (image, text) queries."""
   sections = []
   for image, text in queries:
@@ -381,9 +381,9 @@ def html_report(explainer: Explainer, queries: Sequence[tuple[Any, str]], out, *
           "margin:2em}img{max-width:100%}section{margin-bottom:2em}</style></head><body>"
           f"<h1>{html.escape(title or 'gseps_jax explain')}</h1>" + "".join(sections)
           + "</body></html>\n")
-  out = Path(out)
+  out = epath.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
   tmp.write_text(page, encoding="utf-8")
-  os.replace(tmp, out)
+  tmp.replace(out)
   return out

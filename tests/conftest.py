@@ -1,5 +1,6 @@
 """Shared test setup: one persistent XLA compilation cache for the whole run (also used by the
-subprocesses the tests start), and small configs/datasets built once per session."""
+subprocesses the tests start), and small configs/datasets built once per session. Nothing here
+or in any test reads outside the repository (tests/test_fixtures.py checks it)."""
 
 import os
 import pathlib
@@ -15,4 +16,3 @@ FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_pass
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_XLA).strip()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"

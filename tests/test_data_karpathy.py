@@ -16,7 +16,9 @@ from PIL import Image
 
 from gseps_jax.data import karpathy, pipeline, prepare, tokenizer
 
-SHARED_F30K = Path(__file__).resolve().parents[2] / "shared/data/f30k"
+# Real released text (first 100 images of the F30K test split; tests/data/f30k/README.md).
+F30K_FIXTURE = Path(__file__).resolve().parent / "data" / "f30k"
+F30K_IMAGES = 100
 REPO = Path(__file__).resolve().parents[1]
 SPLIT_SIZES = {"train": 6, "dev": 3, "test": 3}  # 12 images
 
@@ -192,24 +194,22 @@ def test_ensure_prepared_names_command(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_f30k(tmp_path_factory):
-  """The released F30K test text + 8x8 stand-in JPEGs; train/dev are its first 4 images."""
-  if not (SHARED_F30K / "test_caps.txt").is_file():
-    pytest.fail(f"Shared Flickr30K test text not found at {SHARED_F30K} (expected test_caps.txt, "
-                "test_ids.txt, f30k_test.jsonl, id_mapping.json beside the repository).")
+  """The released F30K test text (the repository's fixture: its first 100 images) + 8x8
+  stand-in JPEGs; train/dev are its first 4 images."""
   root = tmp_path_factory.mktemp("f30k")
   manual, images = root / "caps", root / "images"
   manual.mkdir()
   images.mkdir()
   for f in ("test_caps.txt", "test_ids.txt", "f30k_test.jsonl", "id_mapping.json"):
-    os.symlink(SHARED_F30K / f, manual / f)
-  caps = (SHARED_F30K / "test_caps.txt").read_text().splitlines()
-  ids = (SHARED_F30K / "test_ids.txt").read_text().splitlines()
-  dense = (SHARED_F30K / "f30k_test.jsonl").read_text().splitlines()
+    os.symlink(F30K_FIXTURE / f, manual / f)
+  caps = (F30K_FIXTURE / "test_caps.txt").read_text().splitlines()
+  ids = (F30K_FIXTURE / "test_ids.txt").read_text().splitlines()
+  dense = (F30K_FIXTURE / "f30k_test.jsonl").read_text().splitlines()
   for split in ("train", "dev"):
     (manual / f"{split}_caps.txt").write_text("\n".join(caps[:20]) + "\n")
     (manual / f"{split}_ids.txt").write_text("\n".join(ids[:20]) + "\n")
   (manual / "f30k_train.jsonl").write_text("\n".join(dense[:4]) + "\n")
-  mapping = json.loads((SHARED_F30K / "id_mapping.json").read_text())
+  mapping = json.loads((F30K_FIXTURE / "id_mapping.json").read_text())
   jpeg = _jpeg(128)
   for image_id in dict.fromkeys(ids):
     (images / mapping[image_id]).write_bytes(jpeg)
@@ -220,8 +220,8 @@ def real_f30k(tmp_path_factory):
 def test_real_f30k_test_split(real_f30k):
   builder, caps, ids, dense, mapping = real_f30k
   src = builder.as_data_source("test", decoders={"image": tfds.decode.SkipDecoding()})
-  assert len(src) == 1000 and len(caps) == 5000
-  for k in range(1000):
+  assert len(src) == F30K_IMAGES and len(caps) == 5 * F30K_IMAGES
+  for k in range(F30K_IMAGES):
     ex = src[k]
     assert [_s(c) for c in ex["captions"]] == [c.strip() for c in caps[5 * k:5 * k + 5]]
     assert _s(ex["image_id"]) == ids[5 * k]
@@ -241,16 +241,16 @@ def test_real_f30k_token_lengths(real_f30k):
   ref.no_padding()
   src = builder.as_data_source("test", decoders={"image": tfds.decode.SkipDecoding()})
   pp = pipeline.Preprocess(image_size=8, max_len=32, dense_max_len=90)
-  batches = list(pipeline.eval_caption_batches(src, tok, pp, global_batch_size=1000,
+  batches = list(pipeline.eval_caption_batches(src, tok, pp, global_batch_size=100,
                                                process_index=0, process_count=1))
   ids = np.concatenate([b["input_ids"] for b in batches])
   mask = np.concatenate([b["attention_mask"] for b in batches])
-  assert ids.shape == (5000, 32)
+  assert ids.shape == (5 * F30K_IMAGES, 32)
   want = [e.ids for e in ref.encode_batch(caps)]
   lengths = np.array([min(len(w), 32) for w in want])
   np.testing.assert_array_equal(mask.sum(1), lengths)
   assert (lengths == 32).sum() > 0 and lengths.min() >= 3  # some captions are truncated
-  for k in range(0, 5000, 97):  # ids identical where not truncated, [SEP] kept when truncated
+  for k in range(0, 5 * F30K_IMAGES, 7):  # ids identical where not truncated, [SEP] kept when truncated
     w = want[k]
     if len(w) <= 32:
       assert ids[k, :len(w)].tolist() == w

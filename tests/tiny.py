@@ -2,11 +2,28 @@
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import pathlib
 import tempfile
 
-DATA_DIR = pathlib.Path(tempfile.gettempdir()) / f"gseps_jax_test_tfds_{os.getuid()}"
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+# The generator's code: a changed generator (or example format) gets a fresh data dir instead of
+# being tested on data an older version built. The config (sizes, seed, image size) is keyed by
+# tfds itself: each combination is its own builder config folder below DATA_DIR.
+GENERATOR_FILES = ("gseps_jax/data/synthetic.py", "gseps_jax/data/karpathy.py")
+
+
+def generator_hash(root: pathlib.Path = _REPO) -> str:
+  """A short hash of the generator's source files under `root` (the repository)."""
+  h = hashlib.sha256()
+  for name in GENERATOR_FILES:
+    h.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+  return h.hexdigest()[:12]
+
+
+DATA_DIR = (pathlib.Path(tempfile.gettempdir())
+            / f"gseps_jax_test_tfds_{os.getuid()}_{generator_hash()}")
 
 
 def minilm_dir() -> str:
@@ -65,3 +82,34 @@ def ensure_data(config):
   from gseps_jax.data import prepare
   with _lock():
     prepare.ensure_prepared(config.data)
+
+
+def random_checkpoint(workdir, config, seed: int = 0, step: int = 2):
+  """A checkpoint of `config`'s model with random parameters far from any default init (every
+  leaf N(0, 0.1); LayerNorm-like scales 1 + N(0, 0.1), scalar scales 1.7), saved as the trainer
+  saves it (fresh optimiser state). Cheap: no training step is compiled. Returns the params."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from gseps_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from gseps_jax import export, optim, trainer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+
+  def one(path, s):
+    x = rng.normal(0.0, 0.1, s.shape)
+    if path[-1].key == "scale":
+      x = 1.0 + x if s.shape else np.full(s.shape, 1.7)
+    return np.asarray(x, np.float32)
+
+  params = jax.tree_util.tree_map_with_path(one, export.abstract_params(config))
+  tx, _, _ = optim.make_optimizer(config.optim, 10, params)
+  state = trainer.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                             opt_state=jax.jit(tx.init)(params))
+  ckpt = ckpt_lib.Checkpointer(workdir, best_metric=None, async_save=False)
+  try:
+    ckpt.save(step, state, {"config": config.to_dict(),
+                            "fingerprint": ckpt_lib.fingerprint(config)})
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  return params

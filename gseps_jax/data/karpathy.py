@@ -30,12 +30,14 @@ import dataclasses
 import io
 import json
 import os
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+# Caption and image folders may be local or `gs://`: every path is an etils.epath.Path.
+Path = epath.Path
 
 CAPTIONS_PER_IMAGE = 5
 _COCO_SUBDIRS = ("train2014", "val2014")
@@ -121,15 +123,20 @@ class ImageResolver:
       return direct
     for sub in _COCO_SUBDIRS:
       if sub in name:
-        cand = self.image_dir / sub / Path(name).name
+        cand = self.image_dir / sub / _base_name(name)
         if cand.is_file():
           return cand
     if self._by_name is None:  # One walk of the tree, only if direct lookups fail.
       self._by_name = {}
-      for root, _, files in os.walk(self.image_dir):
+      for root, _, files in self.image_dir.walk():
         for f in files:
-          self._by_name.setdefault(f, Path(root) / f)
-    return self._by_name.get(Path(name).name)
+          self._by_name.setdefault(f, root / f)
+    return self._by_name.get(_base_name(name))
+
+
+def _base_name(name: str) -> str:
+  """The file name of an id_mapping entry ('val2014/x.jpg' -> 'x.jpg')."""
+  return name.rsplit("/", 1)[-1]
 
 
 def read_dense(path: Path, num_images: int, caps_path: Path) -> list[str]:

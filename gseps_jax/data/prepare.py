@@ -14,9 +14,9 @@ import argparse
 import os
 import shlex
 import sys
-from pathlib import Path
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from gseps_jax.data import karpathy, synthetic
 
@@ -38,13 +38,21 @@ def _get(cfg, key, default=None):
   return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
+def data_dir_str(path) -> str:
+  """A user's data_dir as the string tfds takes: `gs://` (any URL) kept as is, `~` expanded.
+
+  Through etils.epath, never pathlib: `os.fspath(pathlib.Path("gs://b/x"))` is "gs:/b/x", a local
+  relative folder named "gs:"."""
+  return os.fspath(epath.Path(path).expanduser())
+
+
 def make_builder(data_config) -> tfds.core.DatasetBuilder:
   """The (possibly not yet prepared) builder for `config.data`."""
   name = _get(data_config, "name")
   if name not in BUILDERS:
     raise ValueError(f"Unknown dataset {name!r}; config.data.name must be one of "
                      f"{sorted(BUILDERS)}.")
-  data_dir = os.fspath(Path(_get(data_config, "data_dir")).expanduser())
+  data_dir = data_dir_str(_get(data_config, "data_dir"))
   if name == "synthetic_regions":
     syn = _get(data_config, "synthetic", {}) or {}
     config = synthetic.SyntheticRegions.make_config(
@@ -83,7 +91,7 @@ def prepare(data_config, *, verbose: bool = True) -> tuple[tfds.core.DatasetBuil
   download_config = None
   if name in REAL_DATASETS:
     manual_dir = _get(data_config, "manual_dir", "")
-    if not manual_dir or not Path(manual_dir).is_dir():
+    if not manual_dir or not epath.Path(manual_dir).is_dir():
       raise karpathy.DataFormatError(
           f"Missing caption folder {manual_dir!r}: pass --manual_dir=DIR pointing at the SEPS "
           f"caption folder for {name}.")

@@ -36,6 +36,7 @@ def installed_minilm_dir() -> Path | None:
   spec = importlib.util.find_spec(MINILM_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
     return None
+  # local-path-ok: an installed package's own folder
   path = Path(list(spec.submodule_search_locations)[0]) / "model"
   return path if (path / "vocab.txt").is_file() else None
 
@@ -45,7 +46,7 @@ def resolve_tokenizer_dir(data_config, text_hf_dir: str = "") -> Path:
   the installed MiniLM package (bert-base-uncased vocab)."""
   for candidate in (data_config.get("tokenizer_dir", ""), text_hf_dir):
     if candidate:
-      return Path(candidate)
+      return Path(candidate)  # local-path-ok: HF BertTokenizer reads a local vocab.txt
   path = installed_minilm_dir()
   if path is None:
     raise TokenizerError(
@@ -137,7 +138,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """A `Tokenizer` from an HF directory containing `vocab.txt`, or from a `vocab.txt` path."""
   from transformers import BertTokenizer  # Heavy import; only where tokenisation is needed.
 
-  path = Path(path)
+  path = Path(path)  # local-path-ok: HF BertTokenizer reads a local vocab.txt
   vocab = path / "vocab.txt" if path.is_dir() else path
   if not vocab.is_file():
     raise TokenizerError(
