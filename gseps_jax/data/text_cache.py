@@ -27,6 +27,7 @@ Not cached (the encoder runs as before): a trainable text tower, no pretrained `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.msgpack")  # sharded checkpoints included
 CACHE_SUBDIR = "text_features"
+STALE_S = 600  # a temporary feature file untouched this long belongs to a dead builder
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -246,10 +248,28 @@ def for_split(config, source, split: str, *, kind: str = "captions",
                   flips=flips)
   path = cache_dir(config.data) / f"{config.data.name}_{split}_{kind}_{key}.npy"
   if not path.exists():
-    encoder, params = hf_import.load_hf_encoder(text_dir)
-    gb = len(texts) * max_len * int(config.model.text.hidden_size) * 2 / 1e9
-    log.info("Caching frozen text features of %s %s %s (%d texts, %.2f GB) in %s.",
-             config.data.name, split, kind, len(texts), gb, path)
-    compute_features(texts, path, encoder=encoder, params=params, tok=tok, max_len=max_len,
-                     desc=f"frozen text features, {split} {kind}")
+    with _build_lock(path):  # one builder per file; the others wait and read its result
+      if not path.exists():
+        for stale in path.parent.glob(f"{path.name}.tmp*"):  # left by a killed builder
+          if time.time() - stale.stat().st_mtime > STALE_S:  # (or an older, lock-less one)
+            stale.unlink()
+        encoder, params = hf_import.load_hf_encoder(text_dir)
+        gb = len(texts) * max_len * int(config.model.text.hidden_size) * 2 / 1e9
+        log.info("Caching frozen text features of %s %s %s (%d texts, %.2f GB) in %s.",
+                 config.data.name, split, kind, len(texts), gb, path)
+        compute_features(texts, path, encoder=encoder, params=params, tok=tok, max_len=max_len,
+                         desc=f"frozen text features, {split} {kind}")
   return TextCache(path=str(path), offsets=offsets, flip_rows=flip_rows)
+
+
+@contextlib.contextmanager
+def _build_lock(path: epath.Path):
+  """An exclusive lock on `<path>.lock` (processes on this machine building the same cache)."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(f"{path}.lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
