@@ -134,6 +134,7 @@ def base_config():
   c.checkpoint.every_steps = 500
   c.checkpoint.keep = 3
   c.checkpoint.keep_best = True
+  c.checkpoint.allow_restart_on_damage = False  # True: set damaged checkpoints aside, start over
   return c
 
 

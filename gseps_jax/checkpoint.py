@@ -1,22 +1,33 @@
-"""Orbax checkpointing: resumable, atomic, sharding-aware, and refusing foreign checkpoints.
+"""Orbax checkpointing: resumable, atomic, sharding-aware, verified, refusing foreign checkpoints.
 
 Layout: `WORKDIR/checkpoints/<step>/{state,meta}`. `state` is the train state (restored onto
 abstract arrays that carry the current shardings, so a checkpoint restores onto a different
-mesh); `meta` is JSON: the full config, the model fingerprint, the data iterator state, the step
-and any metrics. Orbax writes each step into a temporary directory and renames it when complete,
-so a job killed during a save never leaves a step that `latest_step` would pick; a step directory
-that is damaged anyway (disk full, files deleted) is skipped with a warning in favour of the
-previous one.
+mesh); `meta` is JSON: the full config, the model fingerprint, the data iterator state, the step,
+any metrics and a digest of every saved array. Orbax writes each step into a temporary directory
+and renames it when complete, so a job killed during a save never leaves a step that
+`latest_step` would pick.
+
+A step that is damaged anyway (disk full, files deleted, bytes flipped) is detected on restore:
+orbax fails to read it, or the restored arrays do not match the digest saved in its meta, or they
+are not finite. A training run moves such a step aside to `WORKDIR/checkpoints_damaged/` (never
+deleting it) so the step can be written again, and continues from the newest good step; readers
+(evaluate/export/retrieve) fall back the same way without moving anything. See
+docs/reliability.md.
 """
 
 import json
 import logging
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+from gseps_jax import fileio
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +38,18 @@ FINGERPRINT_KEYS = ("model.name", "model.vision", "model.text", "model.embed_dim
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint was written by another model or an incompatible config."""
+
+
+class CheckpointDamagedError(CheckpointMismatchError):
+  """A checkpoint step cannot be used: unreadable, not what was saved (digest), or not finite.
+
+  A subclass of CheckpointMismatchError (the stored step does not match what was saved) so that
+  every CLI that reports an unusable checkpoint in one sentence reports this one too.
+  """
+
+
+class NonFiniteStateError(FloatingPointError):
+  """Refused to save a state that holds NaN or Inf."""
 
 
 def _get(cfg, dotted):
@@ -61,7 +84,94 @@ def check_fingerprint(saved: dict, config, where: str) -> None:
 
 
 def checkpoint_dir(workdir) -> epath.Path:
-  return epath.Path(workdir) / "checkpoints"
+  return fileio.absolute(workdir) / "checkpoints"
+
+
+def damaged_dir(workdir) -> epath.Path:
+  """Where damaged steps are moved: `WORKDIR/checkpoints_damaged/<step>-<UTC time>`."""
+  return fileio.absolute(workdir) / "checkpoints_damaged"
+
+
+# ---------------------------------------------------------------------------------------------
+# Digest of a state: computed on the devices over the GLOBAL arrays, so it is the same number on
+# every process, for any sharding, and after restoring onto another mesh; nothing is copied to
+# the host but two words per leaf. Not cryptographic: it detects accidental damage.
+
+DIGEST_ALGO = "u32-weighted-sums-v1"
+
+
+def _words(x):
+  """The array's bit pattern as uint32 words (one per element; two for 64-bit types)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size in (1, 2):
+    return jax.lax.bitcast_convert_type(
+        x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes: adds a trailing axis of 2
+
+
+def _leaf_digest(x):
+  """Two uint32 weighted sums of the words: sum(w * (2i+1)) and sum(rotl(w,13) * h(i)), mod 2^32.
+
+  The first weight is odd, hence invertible mod 2^32: any single changed word changes it; the
+  second uses hashed odd weights, so swapped or scattered changes that cancel in the first are
+  caught. Position indices come from iotas (no reshape), so sharded arrays are never gathered.
+  """
+  w = _words(jnp.asarray(x))
+  idx = jnp.zeros(w.shape, jnp.uint32)
+  stride = 1
+  for axis in range(w.ndim - 1, -1, -1):
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= w.shape[axis]
+  w1 = idx * jnp.uint32(2) + jnp.uint32(1)
+  w2 = (idx * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)
+  rot = (w << jnp.uint32(13)) | (w >> jnp.uint32(19))
+  return jnp.stack([jnp.sum(w * w1, dtype=jnp.uint32), jnp.sum(rot * w2, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _digest_and_finite(leaves):
+  digests = [_leaf_digest(x) for x in leaves]
+  finite = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+            else jnp.bool_(True) for x in leaves]
+  return digests, finite
+
+
+def state_digest(state) -> tuple[dict, list[str]]:
+  """({leaf path: 16 hex digits}, [paths of leaves holding NaN/Inf]) of a pytree of arrays.
+
+  Every process must call it together on a multi-process state (it is one jitted computation).
+  """
+  with_path, _ = jax.tree_util.tree_flatten_with_path(state)
+  if not with_path:
+    return {}, []
+  paths = [jax.tree_util.keystr(p) for p, _ in with_path]
+  digests, finite = jax.device_get(_digest_and_finite([x for _, x in with_path]))
+  hexes = {p: "%08x%08x" % (int(d[0]), int(d[1])) for p, d in zip(paths, digests)}
+  return hexes, [p for p, f in zip(paths, finite) if not bool(f)]
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+  text = str(e).strip().splitlines()
+  text = text[0] if text else ""
+  return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
+
+
+def _all_agree(ok: bool) -> bool:
+  """True only if `ok` on every process (damage seen by one process is damage for all: every
+  process must then take the same branch, or the next collective hangs)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _names(items) -> str:
+  items = list(items)
+  return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
 
 
 class Checkpointer:
@@ -77,6 +187,8 @@ class Checkpointer:
         preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)
+    self.workdir = fileio.absolute(workdir)
+    self.read_only = read_only
     self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
@@ -90,7 +202,12 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None,
            force: bool = True) -> bool:
-    meta = dict(meta, step=int(step))
+    """Saves asynchronously, with a digest of `state` in the meta; refuses a non-finite state."""
+    digest, bad = state_digest(state)
+    if bad:
+      raise NonFiniteStateError(
+          f"Refusing to save step {step} to {self.directory}: {_names(bad)} hold NaN or Inf.")
+    meta = dict(meta, step=int(step), digest={"algo": DIGEST_ALGO, "leaves": digest})
     return self.manager.save(
         int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            meta=ocp.args.JsonSave(_plain(meta))),
@@ -99,38 +216,115 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, abstract_state: Any, config=None, step: int | None = None):
-    """Restores (state, meta) from `step` or the newest readable step; None if there is none.
+  def newest_meta(self) -> tuple[int, dict] | None:
+    """(step, meta) of the newest step whose meta reads; None if there is no step at all.
 
-    `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings. With `step=None`, a
-    damaged newest step is skipped (with a warning) in favour of the one before it.
+    Raises CheckpointDamagedError when steps exist but no meta reads."""
+    steps = self.all_steps()
+    for s in steps[::-1]:
+      try:
+        return s, self.read_meta(s)
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("Checkpoint step %d in %s is damaged (meta unreadable: %s); trying an "
+                    "older one.", s, self.directory, _first_line(e))
+    if steps:
+      raise CheckpointDamagedError(
+          f"No checkpoint in {self.directory} is readable (steps {steps} all have a damaged "
+          f"meta); use another workdir, or move the damaged steps away to start over.")
+    return None
+
+  def _verify(self, s: int, abstract_state, meta: dict, validate) -> tuple[Any, str | None]:
+    """(state, None) if step `s` restores, matches its digest and is finite, else (None, why)."""
+    state, why = None, None
+    try:
+      state = self.manager.restore(
+          s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      why = f"unreadable: {_first_line(e)}"
+    if not _all_agree(why is None):
+      return None, why or "unreadable on another process"
+    digest, bad = state_digest(state)
+    saved = (meta.get("digest") or {}).get("leaves")
+    if saved is not None:  # steps written before digests existed are only checked for finiteness
+      wrong = [p for p in sorted(set(saved) | set(digest)) if saved.get(p) != digest.get(p)]
+      if wrong:
+        return None, f"arrays differ from the digest saved with them: {_names(wrong)}"
+    if bad:
+      return None, f"not finite: {_names(bad)} hold NaN or Inf"
+    if validate is not None:
+      why = validate(state)
+      if why:
+        return None, why
+    return state, None
+
+  def _move_aside(self, s: int) -> epath.Path:
+    """Moves step `s` to checkpoints_damaged/ (process 0 only) and re-reads the step list."""
+    dest = damaged_dir(self.workdir) / f"{s}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    if jax.process_index() == 0:
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(s)).rename(dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"gseps_jax_move_damaged_{s}")
+    self.manager.reload()
+    log.warning("Moved damaged checkpoint step %d to %s (kept for inspection; the step will be "
+                "saved again).", s, dest)
+    return dest
+
+  def restore(self, abstract_state: Any, config=None, step: int | None = None, *,
+              validate: Callable[[Any], str | None] | None = None, move_damaged: bool = False,
+              fresh_if_all_damaged: bool = False):
+    """Restores (state, meta) from `step` or the newest good step; None if there is no step.
+
+    `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings. A step is good when its
+    meta and arrays read, the arrays match the digest saved in the meta, they are finite, and
+    `validate(state)` (optional) returns no reason. With `step=None` a damaged step is reported
+    (one warning naming it) and the next older one tried; with `move_damaged` (training) it is
+    also moved to checkpoints_damaged/ so the step can be saved again. An explicitly requested
+    damaged step, or steps that are all damaged, raise CheckpointDamagedError, unless
+    `fresh_if_all_damaged` (then, with `move_damaged`, they are moved aside and None returned).
+    A checkpoint of another model raises CheckpointMismatchError.
     """
-    steps = [step] if step is not None else self.all_steps()[::-1]
     if step is not None and step not in self.all_steps():
       raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; available: "
                               f"{self.all_steps() or 'none'}.")
+    move = move_damaged and not self.read_only
+    steps = [step] if step is not None else self.all_steps()[::-1]
+    damaged = []
     for s in steps:
       try:
-        meta = self.read_meta(s)
+        meta, why = self.read_meta(s), None
       except Exception as e:  # pylint: disable=broad-except
-        if step is not None:
-          raise
-        log.warning("Checkpoint step %d in %s is unreadable (%s); trying an older one.",
-                    s, self.directory, type(e).__name__)
-        continue
-      if config is not None:
+        meta, why = None, f"meta unreadable: {_first_line(e)}"
+      if why is None and config is not None:
         check_fingerprint(meta.get("fingerprint", {}), config, f"{self.directory}/{s}")
-      try:
-        restored = self.manager.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-      except Exception as e:  # pylint: disable=broad-except
-        if step is not None:
-          raise
-        log.warning("Checkpoint step %d in %s is incomplete or corrupt (%s: %s); trying an older "
-                    "one.", s, self.directory, type(e).__name__, str(e)[:200])
-        continue
-      return restored["state"], meta
-    return None
+      if why is None:
+        state, why = self._verify(s, abstract_state, meta, validate)
+      if why is None:
+        if move:
+          for d in damaged:
+            self._move_aside(d)
+        return state, meta
+      if step is not None:
+        raise CheckpointDamagedError(
+            f"Checkpoint step {s} in {self.directory} is damaged ({why}); pass another step "
+            f"(available: {self.all_steps()}) or the workdir to use the newest good one.")
+      damaged.append(s)
+      log.warning("Checkpoint step %d in %s is damaged (%s); trying an older one.", s,
+                  self.directory, why)
+    if not damaged:
+      return None
+    if fresh_if_all_damaged:
+      if move:
+        for d in damaged:
+          self._move_aside(d)
+      return None
+    how = ("restore them from a backup, use another workdir, or pass "
+           "--config.checkpoint.allow_restart_on_damage=True to set them aside and start over"
+           if move else "restore them from a backup or train again")
+    raise CheckpointDamagedError(
+        f"Every checkpoint in {self.directory} is damaged (steps {sorted(damaged)}; the warnings "
+        f"above say why) and nothing was moved or overwritten: {how}.")
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -141,6 +335,21 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def check_workdir(workdir, config) -> None:
+  """Refuses (CheckpointMismatchError) a workdir whose newest readable checkpoint belongs to
+  another model; reads only JSON meta, so it is cheap enough to run before anything is written."""
+  if not checkpoint_dir(workdir).exists():
+    return
+  ckpt = Checkpointer(workdir, read_only=True, best_metric=None)
+  try:
+    found = ckpt.newest_meta()
+  finally:
+    ckpt.close()
+  if found is not None:
+    step, meta = found
+    check_fingerprint(meta.get("fingerprint", {}), config, f"{checkpoint_dir(workdir)}/{step}")
 
 
 def resolve(path) -> tuple[epath.Path, int | None]:
@@ -159,12 +368,25 @@ def resolve(path) -> tuple[epath.Path, int | None]:
 
 
 def load_config_from_checkpoint(path):
-  """Reads the config (as a ConfigDict) and step saved with a checkpoint, without its arrays."""
+  """Reads the config (as a ConfigDict), step and meta saved with a checkpoint, without its
+  arrays: from the step in `path`, or else from the newest step whose meta reads."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   workdir, step = resolve(path)
   ckpt = Checkpointer(workdir, read_only=True, best_metric=None)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir} has no complete checkpoint.")
-  meta = ckpt.read_meta(step)
+  try:
+    if step is None:
+      found = ckpt.newest_meta()
+      if found is None:
+        raise FileNotFoundError(f"{workdir} has no complete checkpoint.")
+      step, meta = found
+    else:
+      try:
+        meta = ckpt.read_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointDamagedError(
+            f"Checkpoint step {step} in {ckpt.directory} is damaged (meta unreadable: "
+            f"{_first_line(e)}); pass another step (available: {ckpt.all_steps()}) or the "
+            f"workdir to use the newest good one.") from None
+  finally:
+    ckpt.close()
   return ml_collections.ConfigDict(meta["config"]), step, meta

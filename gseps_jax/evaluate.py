@@ -318,9 +318,8 @@ def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode=None, o
   if dense_shuffle:
     result["leak_audit"] = ev.leak_audit(params, seed=dense_shuffle_seed)
   if jax.process_index() == 0:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.rename(out / "results.json")
+    from gseps_jax import fileio  # pylint: disable=g-import-not-at-top
+    fileio.atomic_write_text(out / "results.json", json.dumps(result, indent=2))
     mode = f", dense_mode={ev.dense_mode}" if ev.uses_dense else ""
     print(format_table(m if "rsum" in m else {k[3:]: v for k, v in m.items()},
                        title=f"{config.model.name} {split} {ev.protocol} (step {step}{mode})"))

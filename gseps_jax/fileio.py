@@ -112,3 +112,32 @@ def atomic_dir(out, overwrite: bool = False):
     except OSError:  # cleanup is best effort; the original error is the one to report
       pass
     raise
+
+
+def atomic_write_text(path, text: str) -> epath.Path:
+  """Writes `text` to `path` whole or not at all, replacing an existing file.
+
+  The text goes to a uniquely named temporary file beside `path` that then replaces it
+  (`os.replace` locally: atomic on POSIX; epath's `replace` on `gs://`, where an object write is
+  atomic anyway). `rename` is not used: the pinned etils refuses to rename onto an existing file,
+  which made every re-run of a finished run fail. A failed write removes its temporary file.
+  """
+  path = absolute(path)
+  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+  try:
+    if is_remote(path):
+      tmp.write_text(text)
+      tmp.replace(path)
+    else:
+      with open(tmp, "w", encoding="utf-8") as f:  # local-path-ok: local branch (fsync)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)  # local-path-ok: local branch (atomic on POSIX)
+  except BaseException:
+    try:
+      tmp.unlink(missing_ok=True)
+    except OSError:  # cleanup is best effort; the original error is the one to report
+      pass
+    raise
+  return path

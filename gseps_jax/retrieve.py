@@ -450,7 +450,7 @@ def build_index(retriever: Retriever, source: ImageSource, out, *, checkpoint: s
         "files": files,
         "config": json.loads(config.to_json_best_effort()),
     }
-    (tmp / "index.json").write_text(json.dumps(meta, indent=1))
+    fileio.atomic_write_text(tmp / "index.json", json.dumps(meta, indent=1))
   return out
 
 

@@ -24,6 +24,7 @@ import optax
 from etils import epath
 
 from gseps_jax import checkpoint as ckpt_lib
+from gseps_jax import fileio
 from gseps_jax import losses
 from gseps_jax import models
 from gseps_jax import optim
@@ -64,7 +65,10 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, steps_per_ep
   (loss, metrics), grads = grad_fn(state.params, batch, step_rng, state.step)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+  # param_norm of the UPDATED params: not finite when an update exploded them (checked before
+  # every save; the loss only shows the damage one step later).
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                 param_norm=optax.tree.norm(params))
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -121,15 +125,43 @@ def install_signal_handlers():
 class MetricsWriter:
   """metrics.jsonl + TensorBoard event files (tensorboardX, no TensorFlow); process 0 only."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, resume_step: int = 0):
+    """`resume_step`: the step training restarts from; rows after it (written by a run that was
+    killed before its next checkpoint) are dropped so that no step appears twice."""
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.rows = self._read_rows(resume_step)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self.tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
+  def _read_rows(self, resume_step: int) -> list[dict]:
+    """Existing rows up to `resume_step` (a torn last line is dropped); rewrites the file
+    atomically when anything was dropped."""
+    if not self.path.exists():
+      return []
+    lines = self.path.read_text().splitlines()
+    rows = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= resume_step:
+        rows.append(row)
+    if len(rows) != len(lines):
+      log.info("metrics.jsonl: dropped %d rows after step %d (from a run stopped before its next "
+               "checkpoint).", len(lines) - len(rows), resume_step)
+      self._rewrite(rows)
+    return rows
+
+  def _rewrite(self, rows):
+    fileio.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
   def write(self, step: int, metrics: dict, prefix: str = ""):
+    """Appends one row; a row with the same step and prefix (a re-run's final evaluation)
+    replaces the earlier one."""
     if not self.enabled:
       return
     row = {"step": int(step)}
@@ -137,8 +169,19 @@ class MetricsWriter:
       if np.ndim(v) == 0 and isinstance(v, (int, float, np.number, np.ndarray, jax.Array)):
         row[prefix + k] = float(v)
         self.tb.add_scalar(prefix + k, float(v), int(step))
-    with self.path.open("a") as f:
-      f.write(json.dumps(row) + "\n")
+    def same_kind(r):
+      ks = set(r) - {"step"}
+      return r["step"] == row["step"] and (
+          ks == set(row) - {"step"} or (prefix and ks and all(k.startswith(prefix) for k in ks)))
+
+    same = [r for r in self.rows if same_kind(r)]
+    if same:
+      self.rows = [r for r in self.rows if not any(r is x for x in same)] + [row]
+      self._rewrite(self.rows)
+    else:
+      self.rows.append(row)
+      with self.path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
     self.tb.flush()
 
   def close(self):
@@ -168,12 +211,44 @@ def _all_agree_to_stop(stop: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
 
 
-def _check_finite(step, metrics):
+def nan_advice(config) -> str:
+  """What to change, for the config in use (its lr, clipping and loss)."""
+  o = config.optim
+  clip = o.get("clip_norm", 0) or 0
+  lower = f"lower optim.lr (now {o.lr:g}, e.g. --config.optim.lr={o.lr / 10:g})"
+  if clip <= 0 or clip >= 1e6:
+    tips = [lower, "enable gradient clipping (--config.optim.clip_norm=2.0; now "
+                   f"{'off' if clip <= 0 else f'{clip:g}, too large to act'})"]
+  else:
+    tips = [lower, f"tighten optim.clip_norm (now {clip:g}, e.g. {clip / 4:g})"]
+  kind = config.loss.get("kind", "hinge")
+  if (o.get("warmup_steps", 0) or 0) <= 0:
+    tips.append("add a warm-up (--config.optim.warmup_steps=500)")
+  if config.model.get("dtype", "float32") != "float32":
+    tips.append(f"compute in float32 (model.dtype is {config.model.dtype})")
+  if kind == "infonce":
+    tips.append(f"raise loss.init_temperature (now {config.loss.get('init_temperature', 0):g})")
+  return f"with the {kind} loss: " + ", or ".join(tips)
+
+
+def _check_finite(step, metrics, config):
+  """Raises NonFiniteLossError if the loss, or the norm of the parameters just updated, is not
+  finite (an overflowing norm means exploded weights even when each value is still finite)."""
   loss = float(metrics["loss"])
-  if not math.isfinite(loss):
-    raise NonFiniteLossError(
-        f"Loss became {loss} at step {step}; stopping without saving this state. The last good "
-        f"checkpoint is kept; lower optim.lr or enable optim.clip_norm and resume.")
+  norm = float(metrics.get("param_norm", 0.0))
+  if math.isfinite(loss) and math.isfinite(norm):
+    return
+  what = (f"Loss became {loss}" if not math.isfinite(loss) else
+          f"The parameters exploded (global norm {norm})")
+  raise NonFiniteLossError(
+      f"{what} at step {step}; stopping without saving this state. The last good checkpoint "
+      f"is kept; {nan_advice(config)}; then re-run the same command to resume.")
+
+
+def _params_exploded(state) -> str | None:
+  """Restore check: why the restored parameters are unusable (norm not finite), or None."""
+  norm = float(jax.jit(optax.tree.norm)(state.params))
+  return None if math.isfinite(norm) else f"parameter norm is {norm} (exploded weights)"
 
 
 class SetupError(FileNotFoundError):
@@ -229,11 +304,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   _validate(config)
   preflight(config)
   pipeline.resolve_dense_max_len(config)  # 0 = full length: the concrete length, before saving
-  workdir = epath.Path(workdir)
+  workdir = fileio.absolute(workdir)
   is_main = jax.process_index() == 0
+  ckpt_lib.check_workdir(workdir, config)  # another model's workdir: refuse before writing
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    fileio.atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
   data = pipeline.TrainLoader.from_config(config, global_batch_size=config.train.batch_size,
                                          seed=config.seed)
@@ -262,7 +338,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                  best_metric="rsum" if config.checkpoint.keep_best else None)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, state_shardings)
-    restored = ckpt.restore(abstract, config)
+    try:
+      restored = ckpt.restore(
+          abstract, config, validate=_params_exploded, move_damaged=True,
+          fresh_if_all_damaged=config.checkpoint.get("allow_restart_on_damage", False))
+    except BaseException:
+      ckpt.close()
+      raise
     if restored is not None:
       state, saved_meta = restored
       data.set_state(saved_meta["data_state"])
@@ -274,7 +356,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     evaluator = (eval_lib.Evaluator(config, model, mesh, split=config.train.eval_on)
                  if eval_every > 0 else None)
 
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, resume_step=start_step)
     signals = install_signal_handlers()
     meta = {"config": config.to_dict(), "fingerprint": ckpt_lib.fingerprint(config)}
     t0 = time.time()
@@ -296,7 +378,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             done == start_step + 1 or save_now):
           # Never checkpoint a state whose loss is not finite.
           metrics = jax.device_get(metrics)
-          _check_finite(done, metrics)
+          _check_finite(done, metrics, config)
           metrics["lr"] = float(head_lr(done - 1))
           metrics["steps_per_s"] = (done - start_step) / (time.time() - t0)
           # Which images this process fed (cheap identity of the batch, for resume checks).
@@ -333,10 +415,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       results[split] = final
       mode = final_ev.dense_mode if final_ev.uses_dense else None  # SEPS: always stated
       results["dense_mode"] = mode
-      if is_main:  # written whole or not at all
-        tmp = workdir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.rename(workdir / "results.json")
+      if is_main:  # written whole or not at all; a re-run replaces it
+        fileio.atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
         print(eval_lib.format_table(final, title=f"{config.model.name} {split} "
                                     f"(step {final_step}"
                                     + (f", dense_mode={mode})" if mode else ")")))
@@ -392,7 +472,7 @@ def restore_params(path, mesh=None, config=None):
   The optimiser is rebuilt from the saved config only to know the state's structure; its
   values are not read into memory beyond what orbax restores.
   """
-  saved_config, step, _ = ckpt_lib.load_config_from_checkpoint(path)
+  saved_config, _, _ = ckpt_lib.load_config_from_checkpoint(path)
   config = config or saved_config
   mesh = mesh or sharding.make_mesh(config.mesh)
   model = models.build_model(config.model)
@@ -412,9 +492,14 @@ def restore_params(path, mesh=None, config=None):
   abstract, shardings = _abstract_and_shardings(init, mesh, config)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  workdir, _ = ckpt_lib.resolve(path)
+  # A step in `path` is used as asked (a damaged one is an error); a workdir falls back from a
+  # damaged newest step to the newest good one, with a warning naming the damaged step.
+  workdir, step = ckpt_lib.resolve(path)
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True, best_metric=None)
-  restored = ckpt.restore(abstract, config, step=step)
+  try:
+    restored = ckpt.restore(abstract, config, step=step)
+  finally:
+    ckpt.close()
   if restored is None:
     raise FileNotFoundError(f"No readable checkpoint in {workdir}.")
   state, _ = restored

@@ -1,0 +1,310 @@
+"""Reliability (issue 17): re-runs, damaged checkpoints, silent corruption, exploded weights,
+foreign workdirs and metrics after a resume. See docs/reliability.md for what each test covers.
+
+One tiny GRM run (4 steps, checkpoints at 2 and 4) is trained once per module; every test works
+on its own copy of that workdir. The rest runs at the Checkpointer level (no training).
+"""
+
+import json
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import tiny
+from gseps_jax import checkpoint as ckpt_lib
+from gseps_jax import fileio
+from gseps_jax import trainer
+
+BASE = {"train.max_steps": 4, "checkpoint.every_steps": 2}
+
+
+def _train(workdir, model="grm", **overrides):
+  """train_and_evaluate in this process; the signal handlers it installs are put back."""
+  config = tiny.tiny_config(model, **{**BASE, **overrides})
+  saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    return trainer.train_and_evaluate(config, str(workdir))
+  finally:
+    for s, handler in saved.items():
+      signal.signal(s, handler)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  tiny.ensure_data(tiny.tiny_config())
+  wd = tmp_path_factory.mktemp("reliability") / "base"
+  _train(wd)
+  return wd
+
+
+def _copy(base, tmp_path):
+  dst = tmp_path / "wd"
+  shutil.copytree(base, dst)
+  return dst
+
+
+def _damage(workdir, step):
+  """Disk damage: the array data files of `step` (under state/**/d/) overwritten with random
+  bytes of the same sizes."""
+  rng = np.random.default_rng(step)
+  files = sorted(f for f in (workdir / "checkpoints" / str(step) / "state").rglob("*")
+                 if f.is_file() and f.parent.name == "d")
+  assert files
+  for f in files:
+    f.write_bytes(rng.bytes(f.stat().st_size))
+
+
+def _steps(workdir):
+  ck = ckpt_lib.Checkpointer(workdir, read_only=True, best_metric=None)
+  try:
+    return ck.all_steps()
+  finally:
+    ck.close()
+
+
+def _rows(workdir):
+  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tmp_leftovers(workdir):
+  return [p for p in workdir.rglob("*") if ".tmp" in p.name]
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
+def _warnings(caplog):
+  return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Re-runs: small files are replaced atomically.
+
+
+def test_atomic_write_text_replaces_whole_or_not_at_all(tmp_path):
+  target = tmp_path / "results.json"
+  fileio.atomic_write_text(target, "first")
+  fileio.atomic_write_text(target, "second")
+  assert target.read_text() == "second"
+  with pytest.raises(TypeError):  # fails while writing: the old file stays, no temp file
+    fileio.atomic_write_text(target, None)
+  assert target.read_text() == "second"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_rerun_of_finished_run_and_repeated_evaluate(base_run, tmp_path):
+  from gseps_jax import evaluate
+  wd = _copy(base_run, tmp_path)
+  # A finished run whose results.json exists (here stale) and whose test row is logged.
+  (wd / "results.json").write_text('{"stale": true}')
+  with (wd / "metrics.jsonl").open("a") as f:
+    f.write(json.dumps({"step": 4, "test/rsum": -1.0}) + "\n")
+  result = _train(wd, **{"train.final_eval_split": "test"})  # re-run: re-evaluates
+  assert result["step"] == 4
+  saved = json.loads((wd / "results.json").read_text())
+  assert saved["step"] == 4 and saved["test"]["rsum"] >= 0
+  # The re-run's final evaluation replaced its row instead of adding a second one.
+  test_rows = [r for r in _rows(wd) if "test/rsum" in r]
+  assert [r["step"] for r in test_rows] == [4] and test_rows[0]["test/rsum"] >= 0
+  for _ in range(2):  # evaluating the same checkpoint twice
+    evaluate.evaluate_checkpoint(str(wd), split="test", out=str(tmp_path / "eval"))
+  assert json.loads((tmp_path / "eval" / "results.json").read_text())["checkpoint_step"] == 4
+  assert _tmp_leftovers(wd) == [] and _tmp_leftovers(tmp_path / "eval") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Damaged checkpoints: detected, named, moved aside (training) and the newest good step used.
+
+
+def test_damaged_newest_checkpoint_is_moved_aside_and_training_continues(base_run, tmp_path,
+                                                                         caplog):
+  wd = _copy(base_run, tmp_path)
+  _damage(wd, 4)
+  with caplog.at_level("WARNING"):
+    result = _train(wd, **{"train.max_steps": 6})
+  assert result["step"] == 6
+  assert any("step 4" in m and "damaged" in m for m in _warnings(caplog))
+  moved = list((wd / "checkpoints_damaged").iterdir())
+  assert [p.name.split("-")[0] for p in moved] == ["4"] and (moved[0] / "state").is_dir()
+  assert {4, 6} <= set(_steps(wd))  # step 4 was written again: no StepAlreadyExistsError
+  # Resumed from step 2 while metrics.jsonl held rows 3 and 4 of the lost run: each step once.
+  train_steps = [r["step"] for r in _rows(wd) if "train/loss" in r]
+  assert train_steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_readers_fall_back_from_a_damaged_step_and_refuse_it_by_name(base_run, tmp_path, caplog):
+  wd = _copy(base_run, tmp_path)
+  _damage(wd, 4)
+  with caplog.at_level("WARNING"):
+    _, _, params, step = trainer.restore_params(str(wd))
+  assert step == 2
+  assert any("step 4" in m and "damaged" in m for m in _warnings(caplog))
+  assert _steps(wd) == [2, 4] and not (wd / "checkpoints_damaged").exists()  # readers move nothing
+  with pytest.raises(ckpt_lib.CheckpointDamagedError) as e:
+    trainer.restore_params(str(wd / "checkpoints" / "4"))
+  msg = str(e.value)
+  assert "step 4" in msg and "\n" not in msg and len(msg) < 600
+
+
+def test_all_checkpoints_damaged_stops_instead_of_restarting(base_run, tmp_path):
+  wd = _copy(base_run, tmp_path)
+  _damage(wd, 2)
+  _damage(wd, 4)
+  metrics_before = (wd / "metrics.jsonl").read_text()
+  with pytest.raises(ckpt_lib.CheckpointDamagedError, match="Every checkpoint.*allow_restart"):
+    _train(wd, **{"train.max_steps": 6})
+  assert _steps(wd) == [2, 4] and not (wd / "checkpoints_damaged").exists()
+  assert (wd / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_allow_restart_on_damage_sets_every_step_aside(tmp_path):
+  """What --config.checkpoint.allow_restart_on_damage=True asks the trainer's restore for."""
+  tree = {"w": jnp.arange(4.0)}
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=5, best_metric=None, async_save=False)
+  ck.save(1, tree, {})
+  ck.save(2, tree, {})
+  ck.wait()
+  for s in (1, 2):
+    _damage(tmp_path, s)
+  with pytest.raises(ckpt_lib.CheckpointDamagedError, match="steps \\[1, 2\\]"):
+    ck.restore(_abstract(tree), move_damaged=True)
+  assert ck.all_steps() == [1, 2]
+  assert ck.restore(_abstract(tree), move_damaged=True, fresh_if_all_damaged=True) is None
+  assert ck.all_steps() == []
+  assert sorted(p.name.split("-")[0] for p in (tmp_path / "checkpoints_damaged").iterdir()) == [
+      "1", "2"]
+  ck.save(2, tree, {})  # the step can be written again
+  ck.wait()
+  assert ck.restore(_abstract(tree))[1]["step"] == 2
+
+
+def test_silent_corruption_is_caught_by_the_digest(tmp_path, caplog):
+  rng = np.random.default_rng(0)
+  # Random int32 words do not compress, so their bytes lie in the data file as they are.
+  words = rng.integers(-2**31, 2**31 - 1, size=(64, 32), dtype=np.int32)
+  tree = {"w": jnp.asarray(words), "b": jnp.asarray(rng.normal(size=5), jnp.float32)}
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=5, best_metric=None, async_save=False)
+  ck.save(1, jax.tree.map(lambda x: x + 1, tree), {})
+  ck.save(2, tree, {})
+  ck.wait()
+  needle = words.tobytes()[4000:4032]
+  hits = [f for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*")
+          if f.is_file() and needle in f.read_bytes()]
+  assert len(hits) == 1
+  data = bytearray(hits[0].read_bytes())
+  data[data.index(needle) + 5] ^= 0x40  # one bit of one word
+  hits[0].write_bytes(bytes(data))
+  # orbax alone restores the changed value without complaint ...
+  raw = ck.manager.restore(2, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(tree))))["state"]
+  assert np.sum(np.asarray(raw["w"]) != words) == 1
+  # ... the digest saved in the meta does not match it.
+  reader = ckpt_lib.Checkpointer(tmp_path, read_only=True, best_metric=None)
+  with caplog.at_level("WARNING"):
+    state, meta = reader.restore(_abstract(tree))
+  assert meta["step"] == 1
+  np.testing.assert_array_equal(state["w"], words + 1)
+  assert any("step 2" in m and "digest" in m and "['w']" in m for m in _warnings(caplog))
+  with pytest.raises(ckpt_lib.CheckpointDamagedError, match="step 2.*digest"):
+    reader.restore(_abstract(tree), step=2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32", "int8", "bool"])
+def test_digest_sees_any_changed_or_swapped_element(dtype):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(7, 9))
+  x = x > 0 if dtype == "bool" else np.asarray(jnp.asarray(x * 50).astype(dtype))
+  ref = ckpt_lib.state_digest({"x": jnp.asarray(x)})[0]
+  assert ckpt_lib.state_digest({"x": jnp.asarray(x.copy())})[0] == ref
+  flat = x.reshape(-1)
+  for i in rng.choice(flat.size, 6, replace=False):
+    y = flat.copy()
+    y[i] = (np.logical_not(y[i]) if dtype == "bool" else
+            np.asarray(jnp.asarray(y[i]).astype(jnp.float32) + 1).astype(y.dtype))
+    assert ckpt_lib.state_digest({"x": jnp.asarray(y.reshape(x.shape))})[0] != ref
+  i, j = [k for k in range(flat.size) if flat[k] != flat[0]][0], 0
+  y = flat.copy()
+  y[i], y[j] = flat[j], flat[i]
+  assert ckpt_lib.state_digest({"x": jnp.asarray(y.reshape(x.shape))})[0] != ref
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Non-finite states: never saved, never restored; advice that fits the config.
+
+
+def test_non_finite_state_is_neither_saved_nor_restored(tmp_path):
+  good = {"w": jnp.ones(4)}
+  bad = {"w": jnp.array([1.0, jnp.nan, 2.0, 3.0])}
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=5, best_metric=None, async_save=False)
+  with pytest.raises(ckpt_lib.NonFiniteStateError, match=r"step 1.*\['w'\]"):
+    ck.save(1, bad, {})
+  assert ck.all_steps() == []
+  ck.save(1, good, {})
+  # A step written without a digest (older code) that holds NaN is refused on restore.
+  ck.manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(bad),
+                                             meta=ocp.args.JsonSave({"step": 2})))
+  ck.wait()
+  assert ck.restore(_abstract(good))[1]["step"] == 1
+  with pytest.raises(ckpt_lib.CheckpointDamagedError, match="step 2.*not finite"):
+    ck.restore(_abstract(good), step=2)
+
+
+def test_huge_lr_stops_before_saving_exploded_weights(base_run, tmp_path):
+  wd = _copy(base_run, tmp_path)
+  with pytest.raises(trainer.NonFiniteLossError) as e:
+    _train(wd, **{"train.max_steps": 6, "checkpoint.every_steps": 1, "optim.lr": 1e30})
+  msg = str(e.value)
+  assert "step 5" in msg and "exploded" in msg
+  # Advice for this config: clipping is already on (2.0), so tighten it; lr named with its value.
+  assert "optim.lr (now 1e+30" in msg and "optim.clip_norm (now 2" in msg
+  assert "enable" not in msg and "hinge" in msg
+  assert _steps(wd) == [2, 4]  # nothing saved after the explosion
+  _, _, params, step = trainer.restore_params(str(wd))
+  assert step == 4
+  assert all(np.isfinite(float(jnp.sum(jnp.square(p)))) for p in jax.tree.leaves(params))
+
+
+def test_nan_advice_follows_the_config():
+  c = tiny.tiny_config("grm")
+  c.optim.clip_norm = 1e9
+  c.loss.kind = "infonce"
+  msg = trainer.nan_advice(c)
+  assert "enable gradient clipping" in msg and "1e+09" in msg and "temperature" in msg
+  c.optim.clip_norm, c.optim.warmup_steps, c.loss.kind = 2.0, 100, "hinge"
+  msg = trainer.nan_advice(c)
+  assert "tighten optim.clip_norm (now 2" in msg and "enable" not in msg
+  assert "warm-up" not in msg and "temperature" not in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Another model's workdir; 5. metrics after a resume.
+
+
+def test_foreign_model_workdir_is_refused_before_config_json_is_written(base_run, tmp_path):
+  wd = _copy(base_run, tmp_path)
+  before = (wd / "config.json").read_bytes()
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="model.name"):
+    _train(wd, model="seps")
+  assert (wd / "config.json").read_bytes() == before
+
+
+def test_metrics_writer_keeps_each_step_once(tmp_path):
+  rows = [{"step": s, "train/loss": float(s)} for s in range(1, 6)]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "train/lo')  # torn last line
+  w = trainer.MetricsWriter(tmp_path, resume_step=3)
+  assert _rows(tmp_path) == rows[:3]
+  w.write(4, {"loss": 4.5}, "train/")
+  w.write(4, {"rsum": 1.0}, "test/")
+  w.write(4, {"rsum": 2.0}, "test/")  # a re-run's final evaluation replaces the row
+  w.close()
+  assert _rows(tmp_path) == rows[:3] + [{"step": 4, "train/loss": 4.5},
+                                        {"step": 4, "test/rsum": 2.0}]
+  assert _tmp_leftovers(tmp_path) == []
