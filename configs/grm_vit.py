@@ -12,7 +12,9 @@ Variants (comma-separated, `--config configs/grm_vit.py:tiny`):
 Recipe (as SEPS, spec/seps.md): VSE++ hinge, margin 0.2, summed, all-negative warm-up epoch
 scaled i/n_batches, then hardest negatives; AdamW wd 1e-4, lr 2e-4 (backbones x0.1), x0.3 at
 epochs 9/15/20/25, 30 epochs, clip 2.0, batch 128, fp32. L = 0.4 L(ori) + 0.4 L(key) +
-0.2 L(unc) + 0.1 recon + 0.01 KL + 0.01 entropy. Eval score = 0.4 s_ori + 0.4 s_key + 0.2 s_unc.
+0.2 L(unc) + 0.1 recon + 0.01 KL + 0.01 entropy (bounded) + 1.0 region-map overlap + 2.0
+keep-ratio penalty. Eval score = 0.4 s_ori + 0.4 s_key + 0.2 s_unc (`level_weights`: a scoring
+choice; a checkpoint restores under other level weights, see gseps_jax/checkpoint.py).
 """
 
 import ml_collections
@@ -26,9 +28,20 @@ def grm_defaults(num_regions: int) -> ml_collections.ConfigDict:
       tau=1.0,  # Gumbel-Softmax temperature of the saliency adapters
       hard=True,  # straight-through hard Gumbel in training (False: soft keep probabilities)
       num_regions=num_regions,  # K region prompts
-      region_normalize_tokens=False,  # True: cos(V_hat, P) instead of V_hat . normalize(P)
-      region_learn_scale=False,  # learnable logit scale and bias of the region sigmoid
-      region_logit_scale=1.0,  # (initial) scale; the paper's form = 1, bias 0
+      # Keep-ratio control (DynamicViT): aux 'keep' = sum over SA, GA of
+      # mean_items (keep ratio - keep_ratio)^2, weighted by keep_ratio_weight; without it the
+      # eval argmax may keep one token or all (docs/grm_design.md).
+      keep_ratio=0.6,
+      keep_ratio_weight=2.0,
+      # Region prompts that do not collapse (docs/grm_design.md). The paper's form is
+      # normalize_tokens=False, learn_scale=False, scale 1, normal init, no diversity term, and
+      # an unbounded entropy term; measured, it gives every region the global mean from step 1.
+      region_prompt_init="orthogonal",  # orthogonal (needs K <= embed_dim) | normal
+      region_normalize_tokens=True,  # True: cos(V_hat, P) instead of V_hat . normalize(P)
+      region_learn_scale=True,  # learnable logit scale and bias of the region sigmoid
+      region_logit_scale=10.0,  # (initial) scale; the paper's form = 1, bias 0
+      region_div_weight=1.0,  # aux 'div': overlap of the region maps (= logged region_cos)
+      region_entropy_floor=0.69,  # nats; aux 'ent' = mean relu(floor - column entropy)
       phi_width=256,  # hidden width of the log-variance MLP phi
       logvar_min=-10.0,  # clip range of log sigma^2
       logvar_max=2.0,
@@ -42,6 +55,11 @@ def grm_defaults(num_regions: int) -> ml_collections.ConfigDict:
       # skip padding tokens (Flickr30K test captions fill 15.9 of 32 positions on average);
       # 1 = off. Compiles up to eval_buckets^2 tile variants per kernel call.
       eval_buckets=8,
+      # Ablation switches (benchmarks/grm_ablation.py); off = the component is not built:
+      use_sa=True,  # False: every image token kept (no SA)
+      use_ga=True,  # False: every word kept (no GA)
+      use_regions=True,  # False: no region prompts, no unc level, no recon/ent/div/kl
+      use_uncertainty=True,  # False: sigma = 0 (u = mu in training), no kl
   ))
 
 

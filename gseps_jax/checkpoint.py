@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 # Parts of the config that decide the parameter tree; a checkpoint restores only if they agree.
 FINGERPRINT_KEYS = ("model.name", "model.vision", "model.text", "model.embed_dim", "model.grm",
                     "model.seps")
+# Entries of those parts that only choose how scores are combined/computed or weight the training
+# loss, not the parameters: a checkpoint restores (and is rescored) under other values, e.g.
+# GRM's level weights at evaluation (docs/grm_design.md).
+NOT_FINGERPRINTED = {"model.grm": ("level_weights", "eval_buckets", "train_chunk", "direction",
+                                   "aux_weights", "keep_ratio", "keep_ratio_weight",
+                                   "region_div_weight", "region_entropy_floor")}
 
 
 class CheckpointMismatchError(ValueError):
@@ -67,13 +73,23 @@ def _plain(x):
   return json.loads(json.dumps(x, default=list))
 
 
+def _parameter_part(key, value):
+  """`value` of fingerprint part `key` without its NOT_FINGERPRINTED entries."""
+  drop = NOT_FINGERPRINTED.get(key, ())
+  if drop and isinstance(value, dict):
+    value = {k: v for k, v in value.items() if k not in drop}
+  return value
+
+
 def fingerprint(config) -> dict:
   """JSON-able summary of everything that shapes the parameters."""
-  return {k: _plain(_get(config, k)) for k in FINGERPRINT_KEYS}
+  return {k: _parameter_part(k, _plain(_get(config, k))) for k in FINGERPRINT_KEYS}
 
 
 def check_fingerprint(saved: dict, config, where: str) -> None:
   mine = fingerprint(config)
+  # Fingerprints saved before NOT_FINGERPRINTED existed hold those entries too.
+  saved = {k: _parameter_part(k, v) for k, v in saved.items()}
   diffs = [k for k in FINGERPRINT_KEYS if saved.get(k) != mine.get(k)]
   if diffs:
     detail = "; ".join(f"{k}: checkpoint={saved.get(k)!r} vs config={mine.get(k)!r}"

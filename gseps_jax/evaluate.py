@@ -58,6 +58,18 @@ def _gather(x):
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def keep_ratios(img, txt) -> dict:
+  """GRM's evaluation keep ratios: kept / valid tokens over the split, for features carrying
+  'key_mask' and 'ori_mask' (keep_ratio_img, keep_ratio_txt); {} for other models."""
+  out = {}
+  for name, f in (("img", img), ("txt", txt)):
+    if isinstance(f, dict) and "key_mask" in f and "ori_mask" in f:
+      valid = np.asarray(f["ori_mask"], bool)
+      out[f"keep_ratio_{name}"] = float(
+          np.sum(np.asarray(f["key_mask"], bool) & valid) / max(int(valid.sum()), 1))
+  return out
+
+
 class Evaluator:
   """Encodes a split once and scores all image x caption pairs on the mesh.
 
@@ -234,6 +246,7 @@ class Evaluator:
       out = {f"5k_{k}": v for k, v in metrics_lib.retrieval_metrics(sims, cpi).items()}
       out.update(metrics_lib.coco_1k_folds(sims, cpi))
     out = {k: float(v) for k, v in out.items()}
+    out.update(keep_ratios(feats[0], feats[1]))
     out.update(encode_seconds=t1 - t0, score_seconds=t2 - t1, num_images=self.num_images,
                num_captions=self.num_captions)
     if save_scores and jax.process_index() == 0:

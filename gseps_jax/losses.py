@@ -118,8 +118,9 @@ def recon_loss(region_means: jax.Array, tokens: jax.Array, keep: jax.Array,
 
   Args:
     region_means: `[B, K, D]` mu.
-    tokens: `[B, L, D]` (masked) visual tokens V_hat.
-    keep: `[B, L]` bool (or 0/1): the kept tokens.
+    tokens: `[B, L, D]` visual tokens.
+    keep: `[B, L]` bool (or 0/1), or float keep weights (a weighted mean; GRM passes the
+      straight-through keep mask, so the saliency adapter gets this loss's gradient).
     eps: added to the squared norms (a finite gradient for zero vectors).
 
   Returns:
@@ -160,7 +161,39 @@ def entropy_loss(attn: jax.Array) -> jax.Array:
   return -jnp.mean(column_entropy(attn))
 
 
+def entropy_floor_loss(attn: jax.Array, floor: Optional[float]) -> jax.Array:
+  """Bounded L_ent: mean relu(floor - column entropy) of Â `[B, L, K]`.
+
+  "Preventing attention collapse" means no region on a single patch (entropy 0); the unbounded
+  form (`entropy_loss`, floor None) keeps pushing every column towards uniform, i.e. towards
+  every region = the global mean, which is the collapse seen in practice. With a floor the loss
+  is 0 once a column spreads over about exp(floor) patches.
+
+  Args:
+    attn: `[B, L, K]` Â.
+    floor: entropy floor in nats; None = the unbounded `entropy_loss`.
+
+  Returns:
+    scalar.
+  """
+  if floor is None:
+    return entropy_loss(attn)
+  return jnp.mean(jax.nn.relu(floor - column_entropy(attn)))
+
+
 # ----------------------------------------------------------------------------- combination
+
+
+def head_aux_weights(head) -> Optional[dict]:
+  """The aux weights of a head config: `aux_weights`, plus GRM's `keep_ratio_weight` (aux 'keep',
+  the keep-ratio penalty) and `region_div_weight` (aux 'div', the region-map overlap) where the
+  head has them. None when the head names no weight."""
+  weights = head.get("aux_weights", None)
+  weights = None if weights is None else dict(weights)
+  for field, name in (("keep_ratio_weight", "keep"), ("region_div_weight", "div")):
+    if head.get(field, None) is not None:
+      weights = dict(weights or {}, **{name: float(head[field])})
+  return weights
 
 
 def contrastive_loss(sims, image_ids, loss_cfg, *, warmup, warmup_scale, log_temperature=None):
@@ -210,7 +243,8 @@ def total_loss(sims: Mapping[str, jax.Array], aux: Mapping[str, jax.Array],
   if "loss" in loss_cfg and "model" in loss_cfg:  # the whole run config
     head = loss_cfg["model"].get(loss_cfg["model"]["name"], None) or {}
     level_weights = head.get("level_weights", None) if level_weights is None else level_weights
-    aux_weights = head.get("aux_weights", None) if aux_weights is None else aux_weights
+    if aux_weights is None:
+      aux_weights = head_aux_weights(head)
     loss_cfg = loss_cfg["loss"]
   if log_temperature is None and params is not None and "log_temperature" in params:
     log_temperature = params["log_temperature"]

@@ -15,6 +15,7 @@ from configs import grm_swin, grm_vit
 from gseps_jax import losses
 from gseps_jax.models import encoders
 from gseps_jax.models import grm as grm_lib
+from gseps_jax.models.similarity import token_similarity
 
 # Whole-model compiles dominate this file's time; XLA's cheap CPU backend settings halve them
 # (the numbers computed are the same, only code generation is less optimised).
@@ -110,6 +111,73 @@ def test_adapter_training_straight_through(adapter):
   assert any((keeps[0] != k).any() for k in keeps[1:])
 
 
+def test_soft_path_padding_is_never_present(adapter):
+  sa = grm_lib.SaliencyAdapter(tau=0.7, hard=False)
+  out = fast_jit(lambda p, k: sa.apply({"params": p}, adapter["tokens"], adapter["valid"],
+                                       train=True, rngs={"gumbel": k}))(adapter["params"],
+                                                                         jax.random.key(4))
+  mask, valid = np.asarray(out["mask"]), np.asarray(adapter["valid"])
+  assert (mask[~valid] == 0).all() and (mask[valid] > 0).all() and (mask[valid] < 1).all()
+
+
+def _adapter_kernel_loss(hard):
+  """InfoNCE of the key level alone on random image/caption tokens, as a function of the SA and
+  GA parameters: the path by which the adapters learn (tokens weighted, not scaled)."""
+  rng = np.random.default_rng(7)
+  b, li, lt, d = 3, 5, 4, 8
+  v = rng.normal(size=(b, li, d))
+  t = rng.normal(size=(b, lt, d))
+  valid_i = np.ones((b, li), bool)
+  valid_t = np.arange(lt)[None, :] < np.array([[4], [2], [3]])
+  sa = grm_lib.SaliencyAdapter(tau=1.0, hard=hard, dtype=jnp.float64)
+
+  def loss(params, key):
+    ki, kt = jax.random.split(key)
+    wi = sa.apply({"params": params["sa"]}, v, valid_i, train=True, rngs={"gumbel": ki})["mask"]
+    wt = sa.apply({"params": params["ga"]}, t, valid_t, train=True, rngs={"gumbel": kt})["mask"]
+    s = token_similarity(v, valid_i, t, valid_t, x_weight=wi, y_weight=wt) / 0.1
+    # InfoNCE written out in float64 (losses.infonce computes in float32)
+    return -0.5 * jnp.mean(jnp.diagonal(jax.nn.log_softmax(s, axis=0))
+                           + jnp.diagonal(jax.nn.log_softmax(s, axis=1)))
+
+  init = lambda k, x, m: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                                      sa.init(k, x, m, train=False)["params"])
+  params = {"sa": init(jax.random.key(1), v, valid_i), "ga": init(jax.random.key(2), t, valid_t)}
+  return loss, params
+
+
+def test_adapter_gradients_through_the_kernel_match_finite_differences():
+  """Soft path (hard=False), float64: d loss / d (SA, GA params) = central differences."""
+  with jax.enable_x64(True):
+    loss, params = _adapter_kernel_loss(hard=False)
+    key = jax.random.key(3)
+    g = jax.grad(loss)(params, key)
+    for name in ("sa", "ga"):
+      assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g[name])) > 1e-4, name
+    rng = np.random.default_rng(8)
+    for _ in range(3):  # random directions in the joint parameter space
+      u = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), params)
+      eps = 1e-5
+      shift = lambda s: jax.tree.map(lambda a, du: a + s * eps * du, params, u)
+      fd = (loss(shift(1.0), key) - loss(shift(-1.0), key)) / (2 * eps)
+      an = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(u)))
+      np.testing.assert_allclose(float(an), float(fd), rtol=1e-5, atol=1e-8)
+    # The hard straight-through path learns too (the forward is the 0/1 mask).
+    loss_h, params_h = _adapter_kernel_loss(hard=True)
+    g_h = jax.grad(loss_h)(params_h, key)
+    for name in ("sa", "ga"):
+      assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_h[name])) > 1e-4, name
+
+
+def test_keep_penalty_and_ratio_by_hand():
+  mask = jnp.array([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+  valid = jnp.array([[True, True, True, True], [True, True, False, False],
+                     [False, False, False, False]])
+  # item ratios 0.5 and 1.0 (the third, empty item counts 0); target 0.5
+  assert float(grm_lib.keep_penalty(mask, valid, 0.5)) == pytest.approx((0 + 0.25 + 0) / 3)
+  assert float(grm_lib.keep_ratio(mask, valid)) == pytest.approx(4 / 6)  # padding not counted
+
+
 # ----------------------------------------------------------------------------- regions
 
 
@@ -137,7 +205,28 @@ def test_region_prompts_match_numpy():
     mu = np.einsum("blk,bld->bkd", a_hat, np.asarray(tokens))
     mu = mu / np.linalg.norm(mu, axis=-1, keepdims=True)
     cos = [mu[b, i] @ mu[b, j] for b in range(2) for i in range(3) for j in range(3) if i != j]
+    assert float(stats["region_mean_cos"]) == pytest.approx(np.mean(cos), rel=1e-4)
+    cols = a_hat / np.linalg.norm(a_hat, axis=1, keepdims=True)  # the maps, per column
+    cos = [cols[b, :, i] @ cols[b, :, j] for b in range(2) for i in range(3) for j in range(3)
+           if i != j]
     assert float(stats["region_cos"]) == pytest.approx(np.mean(cos), rel=1e-4)
+
+
+def test_region_overlap_is_one_for_equal_maps_and_zero_for_disjoint_ones():
+  same = jnp.full((1, 4, 3), 0.25)
+  disjoint = jnp.asarray(np.eye(4)[None, :, :3])
+  assert float(grm_lib.map_overlap(same)) == pytest.approx(1.0, abs=1e-6)
+  assert float(grm_lib.map_overlap(disjoint)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_orthogonal_prompts_start_orthonormal_and_too_many_are_refused():
+  tokens, keep = jnp.ones((1, 3, 8)), jnp.ones((1, 3), bool)
+  mod = grm_lib.RegionPrompts(num_regions=5, prompt_init="orthogonal")
+  p = np.asarray(mod.init(jax.random.key(0), tokens, keep)["params"]["prompts"], np.float64)
+  np.testing.assert_allclose(p @ p.T, np.eye(5), atol=1e-5)
+  with pytest.raises(ValueError, match="num_regions <= embed_dim"):
+    grm_lib.RegionPrompts(num_regions=9, prompt_init="orthogonal").init(
+        jax.random.key(0), tokens, keep)
 
 
 def test_cheap_sampler_matches_per_token_form_in_distribution():
@@ -229,8 +318,8 @@ def test_grm_eval_score_equals_weighted_training_forward(tiny_grm):
 
   sims, aux, img, txt, score = run(params)
   assert set(sims) == {"ori", "key", "unc"} and all(s.shape == (4, 4) for s in sims.values())
-  assert set(aux) == {"recon", "kl", "ent", "keep_ratio_img", "keep_ratio_txt",
-                      "region_entropy", "region_cos"}
+  assert set(aux) == {"recon", "kl", "ent", "div", "keep", "keep_ratio_img", "keep_ratio_txt",
+                      "region_entropy", "region_cos", "region_mean_cos"}
   assert all(a.shape == () and np.isfinite(float(a)) for a in aux.values())
   w = config.model.grm.level_weights
   np.testing.assert_allclose(np.asarray(score),
@@ -260,8 +349,9 @@ def test_grm_tiny_training_lowers_the_loss(tiny_grm):
   for i in range(6):
     p, opt, loss, g = step(p, opt, jax.random.key(100 + i))
     history.append(float(loss))
-    if i == 0:  # every head receives a gradient (the adapters through regions / recon)
-      for name in ("sa", "regions", "uncertainty", "vision_proj", "text_proj", "text_encoder"):
+    if i == 0:  # every head receives a gradient (SA and GA through the key level's weights)
+      for name in ("sa", "ga", "regions", "uncertainty", "vision_proj", "text_proj",
+                   "text_encoder"):
         assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g[name])) > 0, name
   assert all(np.isfinite(history))
   assert np.mean(history[-3:]) < 0.8 * np.mean(history[:2]), history
@@ -298,3 +388,80 @@ def test_configs(name, arg, model_type, size, tokens, regions):
     assert config.model.grm.tau == 0.5
   with pytest.raises(KeyError, match="Unknown GRM"):
     grm_vit.get_config("tiny,no_such_field=1")
+
+
+# ----------------------------------------------------------------------------- rescoring
+
+
+def test_checkpoint_restores_under_other_level_weights_but_not_other_regions(tmp_path):
+  """Level weights (and the other scoring/loss-only fields) are not in the fingerprint."""
+  from gseps_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  trained = grm_vit.get_config("tiny")
+  ck = ckpt_lib.Checkpointer(tmp_path, best_metric=None, async_save=False)
+  tree = {"w": jnp.zeros(2)}
+  ck.save(1, tree, {"fingerprint": ckpt_lib.fingerprint(trained)})
+  ck.wait()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=x.sharding), tree)
+  rescore = grm_vit.get_config("tiny")
+  rescore.model.grm.level_weights = dict(ori=1.0, key=0.0, unc=0.0)
+  rescore.model.grm.eval_buckets = 1
+  assert ck.restore(abstract, rescore)[1]["step"] == 1
+  other = grm_vit.get_config("tiny,num_regions=3")
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="model.grm"):
+    ck.restore(abstract, other)
+  # A fingerprint saved before the scoring fields were left out still matches.
+  old = ckpt_lib.fingerprint(trained)
+  old["model.grm"] = dict(old["model.grm"], level_weights=dict(ori=0.4, key=0.4, unc=0.2))
+  ckpt_lib.check_fingerprint(old, rescore, "old")
+
+
+def test_evaluation_keep_ratios():
+  from gseps_jax import evaluate  # pylint: disable=g-import-not-at-top
+  img = {"ori_mask": np.ones((2, 4), bool),
+         "key_mask": np.array([[1, 0, 0, 0], [1, 1, 1, 0]], bool)}
+  txt = {"ori_mask": np.array([[1, 1, 0], [1, 1, 1]], bool),
+         "key_mask": np.array([[1, 0, 1], [0, 1, 1]], bool)}  # padding never counts
+  assert evaluate.keep_ratios(img, txt) == {"keep_ratio_img": 4 / 8, "keep_ratio_txt": 3 / 5}
+  assert evaluate.keep_ratios({"tokens": 0}, {"tokens": 0}) == {}
+
+
+def test_level_weights_choose_the_levels_computed(tiny_grm):
+  """A level of weight 0 is not computed; one level alone = that level's kernel score."""
+  config, _, batch, params = tiny_grm
+
+  def scores(weights):
+    cfg = config.model.copy_and_resolve_references()
+    cfg.grm.level_weights = weights
+    model = grm_lib.GRM(cfg)
+    img = model.apply({"params": params}, batch["image"], method=grm_lib.GRM.encode_images)
+    txt = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                      method=grm_lib.GRM.encode_texts)
+    levels = model.apply({"params": params}, img, txt, method=grm_lib.GRM.level_scores)
+    return model.apply({"params": params}, img, txt, method=grm_lib.GRM.score), levels
+
+  for level in grm_lib.LEVELS:
+    alone, levels = fast_jit(lambda: scores({k: float(k == level) for k in grm_lib.LEVELS}))()
+    np.testing.assert_allclose(np.asarray(alone), np.asarray(levels[level]), atol=1e-6)
+
+
+def test_ablation_switches_remove_components(tiny_grm):
+  config, _, batch, _ = tiny_grm
+  cfg = config.model.copy_and_resolve_references()
+  cfg.grm.use_sa = cfg.grm.use_ga = cfg.grm.use_regions = False
+  model = grm_lib.GRM(cfg)
+  rngs = {k: jax.random.key(i) for i, k in enumerate(("params", "dropout", "gumbel", "noise"))}
+
+  @fast_jit
+  def run():
+    params = model.init(rngs, batch, train=False)["params"]
+    sims, aux = model.apply({"params": params}, batch, train=True, rngs=rngs)
+    return params, sims, aux
+
+  params, sims, aux = run()
+  assert not {"sa", "ga", "regions", "uncertainty"} & set(params)
+  assert set(sims) == {"ori", "key"}  # no unc level without region prompts
+  assert float(aux["keep_ratio_img"]) == 1.0 and float(aux["keep_ratio_txt"]) == 1.0
+  assert float(aux["keep"]) == 0.0 and float(aux["div"]) == 0.0
+  # keep everything: the key level is the ori level
+  np.testing.assert_allclose(np.asarray(sims["key"]), np.asarray(sims["ori"]), atol=1e-6)

@@ -87,6 +87,35 @@ def test_aux_losses_by_hand():
                                                                          rel=1e-6)
 
 
+def test_entropy_floor_only_stops_collapse_onto_one_patch():
+  # columns: uniform over 4 (entropy log 4), one-hot (0), half/half (log 2)
+  attn = jnp.array([[[0.25, 1.0, 0.5], [0.25, 0.0, 0.5], [0.25, 0.0, 0.0], [0.25, 0.0, 0.0]]])
+  floor = 1.0
+  expected = (0.0 + 1.0 + (1.0 - math.log(2))) / 3  # a spread column costs nothing
+  assert float(losses.entropy_floor_loss(attn, floor)) == pytest.approx(expected, rel=1e-5)
+  assert float(losses.entropy_floor_loss(attn, None)) == pytest.approx(
+      float(losses.entropy_loss(attn)))
+  # the gradient never pushes a column that is above the floor towards uniform
+  g = jax.grad(lambda a: losses.entropy_floor_loss(a, floor))(attn)
+  assert float(jnp.abs(g[..., 0]).max()) == 0.0
+
+
+def test_weighted_recon_mean_and_grm_weight_fields():
+  means = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
+  tokens = jnp.array([[[2.0, 0.0], [9.0, 9.0], [0.0, 4.0]]])
+  weights = jnp.array([[1.0, 0.0, 1.0]])
+  assert float(losses.recon_loss(means, tokens, weights)) == pytest.approx(
+      float(losses.recon_loss(means, tokens, weights > 0)), rel=1e-6)
+  head = dict(aux_weights=dict(recon=0.1), keep_ratio_weight=2.0, region_div_weight=0.5)
+  assert losses.head_aux_weights(head) == {"recon": 0.1, "keep": 2.0, "div": 0.5}
+  config = ml_collections.ConfigDict(dict(
+      loss=dict(kind="hinge", margin=0.2), model=dict(name="grm", grm=dict(
+          level_weights=dict(ori=1.0), aux_weights=dict(recon=0.0), keep_ratio_weight=2.0))))
+  aux = {"recon": jnp.array(5.0), "keep": jnp.array(0.25)}
+  loss, _ = losses.total_loss({"ori": SIMS}, aux, {"image_index": IDS}, config)
+  assert float(loss) == pytest.approx(1.10 + 2.0 * 0.25, rel=1e-6)
+
+
 def test_total_loss_combines_levels_and_weighted_aux():
   sims = {"ori": SIMS, "key": SIMS.T}
   aux = {"recon": jnp.array(2.0), "kl": jnp.array(3.0), "keep_ratio_img": jnp.array(0.5)}

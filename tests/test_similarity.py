@@ -241,3 +241,72 @@ def test_length_buckets_gradients_multi_and_errors():
   assert similarity._bucket_lengths(3, 8) == (1, 2, 3)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="buckets"):
     similarity.token_similarity(x, xm, y, ym, buckets=0)
+
+
+# ----------------------------------------------------------------------------- token weights
+
+
+def numpy_weighted_reference(x, xm, xw, y, ym, yw):
+  """float64 loops of the weighted kernel's definition ("both"): w-weighted mean over the
+  asking side's tokens of the gated max w * (cos + 1) - 1 over the other side's tokens."""
+  out = np.zeros((len(x), len(y)))
+  for i in range(len(x)):
+    for j in range(len(y)):
+      if not xm[i].any() or not ym[j].any():
+        continue
+      a = x[i][xm[i]].astype(np.float64)
+      b = y[j][ym[j]].astype(np.float64)
+      wa, wb = xw[i][xm[i]].astype(np.float64), yw[j][ym[j]].astype(np.float64)
+      a = a / np.linalg.norm(a, axis=1, keepdims=True)
+      b = b / np.linalg.norm(b, axis=1, keepdims=True)
+      cos = a @ b.T
+      x2y = np.sum(wa * (wb[None, :] * (cos + 1) - 1).max(axis=1)) / wa.sum()
+      y2x = np.sum(wb * (wa[:, None] * (cos + 1) - 1).max(axis=0)) / wb.sum()
+      out[i, j] = 0.5 * (x2y + y2x)
+  return out
+
+
+def test_hard_weights_equal_the_boolean_kernel_on_kept_tokens_and_reach_dropped_tokens():
+  """0/1 weights over the padding mask = the boolean kernel on the kept tokens (the forward of
+  the straight-through keep mask), and the dropped tokens' weights still get a gradient."""
+  x, xm, y, ym = ragged(5)
+  rng = np.random.default_rng(5)
+  xk, yk = xm & (rng.random(xm.shape) < 0.6), ym & (rng.random(ym.shape) < 0.6)
+  xk[:, 0] &= xm[:, 0]
+  xk[xm.any(1), 0], yk[ym.any(1), 0] = True, True
+  for chunk, buckets in ((None, 1), (3, 1), ((2, 4), 2)):
+    ref = token_similarity(x, xk, y, yk, chunk=chunk, buckets=buckets)
+    got = token_similarity(x, xm, y, ym, x_weight=xk.astype(np.float32),
+                           y_weight=yk.astype(np.float32), chunk=chunk, buckets=buckets)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-6)
+  g = jax.jit(jax.grad(lambda wx: similarity.token_similarity(
+      x, xm, y, ym, x_weight=wx, y_weight=yk.astype(np.float32)).sum()),
+      compiler_options=FAST)(jnp.asarray(xk, jnp.float32))
+  g = np.asarray(g)
+  dropped = xm & ~xk
+  dropped[3] = False  # the empty x item gets nothing
+  assert (np.abs(g[dropped]) > 0).all()  # every dropped valid token learns
+  assert np.abs(g[~xm]).max() == 0.0  # padding never
+
+
+def test_soft_weights_match_numpy_and_finite_differences():
+  x, xm, y, ym = ragged(6, bx=3, by=4, lx=4, ly=3, d=5)
+  rng = np.random.default_rng(6)
+  xw, yw = rng.uniform(0.05, 1, xm.shape), rng.uniform(0.05, 1, ym.shape)
+  got = token_similarity(x, xm, y, ym, x_weight=xw.astype(np.float32),
+                         y_weight=yw.astype(np.float32), chunk=2)
+  np.testing.assert_allclose(np.asarray(got), numpy_weighted_reference(x, xm, xw, y, ym, yw),
+                             atol=2e-6)
+  with jax.enable_x64(True):
+    x64, y64 = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
+    for chunk in (None, 2):
+      f = lambda a, b, wa, wb: similarity.token_similarity(a, xm, b, ym, x_weight=wa,
+                                                            y_weight=wb, chunk=chunk)
+      check_grads(f, (x64, y64, jnp.asarray(xw), jnp.asarray(yw)), order=1, modes=("rev",),
+                  eps=1e-6, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_must_match_their_mask():
+  x, xm, y, ym = ragged(7)
+  with pytest.raises(ValueError, match="x_weight must be shaped like its mask"):
+    similarity.token_similarity(x, xm, y, ym, x_weight=np.ones((2, 2), np.float32))

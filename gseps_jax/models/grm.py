@@ -7,20 +7,34 @@ Spec: `spec/grm.md`. Per image, V `[Lv, E]` = projected vision tokens; per capti
      Dense(2) -> log_softmax; column 0 = keep. Training: Gumbel-Softmax (temperature `tau`),
      straight-through hard by default; eval: keep = argmax, no noise. Padding is never kept and at
      least one valid token always is. V_hat = V * A_V[:, None].
-  2. Region prompts: A_r = sigmoid(scale * V_hat . normalize(P)^T + bias) `[Lv, K]`, dropped tokens
-     0, columns normalised to Â; region means mu_k = sum_l Â[l, k] V_hat[l].
+  2. Region prompts: A_r = sigmoid(scale * cos(V_hat, P) + bias) `[Lv, K]` (defaults; the paper's
+     V_hat . normalize(P) with scale 1 is a config choice) times the keep mask, columns normalised
+     to Â; region means mu_k = sum_l Â[l, k] V_hat[l].
   3. Region uncertainty: log sigma^2 = clip(phi(mu)); training samples
      u_k = mu_k + sigma_k * ||Â[:, k]||_2 * xi_k (exactly the distribution of the per-token form
      sum_l Â[l, k] (mu_k + sigma_k eps_lk)); eval u_k = mu_k.
   4. Scores (the one kernel, `similarity.token_similarity`): ori = s(V, T), key = s(V_hat, T_hat)
      on the kept tokens, unc = s(U, T_hat).
 
-Key-level tokens. The kernel normalises tokens, so V_hat restricted to kept tokens has exactly
-the values of V there (the hard mask is 1). `encode_images` therefore stores V once with two
-masks (`ori_mask`, `key_mask`) instead of a second copy; the training forward scores V_hat so the
-straight-through path of the paper is kept (its gradient through the normalised kernel is ~0: the
-saliency adapters learn from the region attention and the reconstruction loss, which see V_hat
-unnormalised, and the key level's choice of tokens is not differentiable).
+How the keep decisions learn (docs/grm_design.md). The kernel L2-normalises tokens, so scaling a
+token by its mask (V_hat) carries no gradient to the adapter. In training the keep masks
+therefore enter the kernel's reductions as token weights (`token_similarity(x_weight=...)`):
+presence = the padding mask, weight = the straight-through mask (forward 0/1, backward the soft
+keep probability; `hard=False`: the soft probability itself), so the forward value is exactly the
+key level on the kept tokens and every token's keep probability gets the score's gradient. The
+same weights enter the region attention and the reconstruction mean. A DynamicViT-style penalty
+(mean keep - `keep_ratio`)^2 (aux 'keep') holds the keep ratio near its target so that the eval
+argmax neither keeps one token nor all. At evaluation the masks are hard booleans: V is stored
+once with two masks (`ori_mask`, `key_mask`) and the boolean kernel runs.
+
+Region collapse (docs/grm_design.md): orthogonal prompt init, cosine logits with a learnable
+scale (10) and bias, a diversity loss (aux 'div' = mean pairwise cosine between the columns of
+Â, i.e. the overlap of the region maps, which is also the logged 'region_cos'), and an entropy
+term bounded from below (aux 'ent' = mean relu(floor - column entropy): it only stops a region
+collapsing onto a single patch, it no longer pushes every map towards uniform).
+
+Ablation switches (`grm.use_sa`, `use_ga`, `use_regions`, `use_uncertainty`) and zero level
+weights remove components for benchmarks/grm_ablation.py; a level of weight 0 is not computed.
 """
 
 import math
@@ -65,10 +79,12 @@ class SaliencyAdapter(nn.Module):
 
     Returns:
       dict with
-        'mask': `[B, L]` float32 multiplier for the tokens: 0/1 in the forward pass (hard or
-          eval), with the soft keep probability's gradient in training (straight-through);
-          the soft probability itself when `hard=False`. Always 0 on padding.
-        'keep': `[B, L]` bool, the tokens treated as present downstream (masked max / mean).
+        'mask': `[B, L]` float32 keep weight: 0/1 in the forward pass (hard or eval), with the
+          soft keep probability's gradient in training (straight-through); the soft
+          probability itself when training with `hard=False`. Always 0 on padding.
+        'keep': `[B, L]` bool, the hard keep decision (eval: the tokens scored at the key level;
+          training with `hard=False`: the sampled decision, reported only: there every valid
+          token is present with its soft weight).
         'prob': `[B, L]` float32 keep probability softmax(logits)[..., 0] (no noise).
     """
     d = tokens.shape[-1]
@@ -76,12 +92,13 @@ class SaliencyAdapter(nn.Module):
     h = nn.Dense(max(1, d // 4), dtype=self.dtype, name="fc1")(h)
     h = layers.gelu(h)
     logits = nn.Dense(2, dtype=self.dtype, name="fc2")(h)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, L, 2]
+    ft = jnp.promote_types(logits.dtype, jnp.float32)  # float32 (float64 in the x64 tests)
+    logp = jax.nn.log_softmax(logits.astype(ft), axis=-1)  # [B, L, 2]
     prob = jnp.exp(logp[..., 0])
     keep_logit = logp[..., 0] - logp[..., 1]
     valid = valid.astype(bool)
     if train:
-      g = jax.random.gumbel(self.make_rng("gumbel"), logp.shape, jnp.float32)
+      g = jax.random.gumbel(self.make_rng("gumbel"), logp.shape, ft)
       perturbed = (logp + g) / self.tau
       soft = jax.nn.softmax(perturbed, axis=-1)[..., 0]
       sampled = perturbed[..., 0] >= perturbed[..., 1]
@@ -94,9 +111,9 @@ class SaliencyAdapter(nn.Module):
               & ~jnp.any(keep, axis=-1, keepdims=True))
     keep = keep | forced
     if not train:
-      mask = keep.astype(jnp.float32)
+      mask = keep.astype(ft)
     elif self.hard:
-      mask = keep.astype(jnp.float32) + soft - jax.lax.stop_gradient(soft)
+      mask = keep.astype(ft) + soft - jax.lax.stop_gradient(soft)
     else:
       mask = soft
     return {"mask": jnp.where(valid, mask, 0.0), "keep": keep, "prob": prob}
@@ -114,12 +131,15 @@ class RegionPrompts(nn.Module):
       sigmoid when token norms are large; pair it with a learnable scale).
     learn_scale: learnable logit scale and bias (initialised to `init_scale`, 0).
     init_scale: (initial) logit scale; the paper's form is scale 1, bias 0, not learnable.
+    prompt_init: "orthogonal" (K orthonormal prompts: distinct directions from step 0; needs
+      K <= D) or "normal" (i.i.d. N(0, 1), the first implementation's).
     eps: column-normalisation epsilon.
   """
   num_regions: int
   normalize_tokens: bool = False
   learn_scale: bool = False
   init_scale: float = 1.0
+  prompt_init: str = "normal"
   eps: float = 1e-6
 
   @nn.compact
@@ -128,16 +148,31 @@ class RegionPrompts(nn.Module):
 
     Args:
       tokens: `[B, L, D]` V_hat.
-      keep: `[B, L]` bool, the kept tokens (dropped tokens get attention 0).
+      keep: `[B, L]` bool, or float keep weights (the adapters' straight-through mask: the
+        attention is multiplied by it, so dropped tokens get attention 0 and the keep
+        probability gets the gradient).
 
     Returns:
       attn: `[B, L, K]` Â, each column sums to 1 over kept tokens.
       means: `[B, K, D]` mu.
-      stats: {'region_entropy': mean column entropy of Â (nats), 'region_cos': mean pairwise
-        cosine between region means (0 when K = 1)}; both scalars.
+      stats: scalars 'region_entropy' (mean column entropy of Â, nats), 'region_cos' (overlap
+        of the region maps: mean pairwise cosine between the columns of Â; 1 = every region
+        on the same patches, 0 = disjoint; `map_overlap`), 'region_mean_cos' (mean pairwise
+        cosine between the region means, uncentered: near 1 whenever the tokens share a
+        common component, even for distinct maps); the cosines are 0 when K = 1.
     """
     d = tokens.shape[-1]
-    prompts = self.param("prompts", nn.initializers.normal(1.0), (self.num_regions, d))
+    if self.prompt_init == "orthogonal":
+      if self.num_regions > d:
+        raise ValueError(f"model.grm.region_prompt_init='orthogonal' needs num_regions <= "
+                         f"embed_dim, got {self.num_regions} > {d}; use 'normal'")
+      init = nn.initializers.orthogonal()
+    elif self.prompt_init == "normal":
+      init = nn.initializers.normal(1.0)
+    else:
+      raise ValueError(f"model.grm.region_prompt_init must be 'orthogonal' or 'normal', got "
+                       f"{self.prompt_init!r}")
+    prompts = self.param("prompts", init, (self.num_regions, d))
     if self.learn_scale:
       scale = self.param("logit_scale", nn.initializers.constant(self.init_scale), ())
       bias = self.param("logit_bias", nn.initializers.zeros, ())
@@ -149,8 +184,25 @@ class RegionPrompts(nn.Module):
     attn = a / (jnp.sum(a, axis=1, keepdims=True) + self.eps)
     means = jnp.einsum("blk,bld->bkd", attn, tokens.astype(jnp.float32))
     stats = {"region_entropy": jnp.mean(losses.column_entropy(attn)),
-             "region_cos": mean_pairwise_cosine(means)}
+             "region_cos": map_overlap(attn),
+             "region_mean_cos": mean_pairwise_cosine(means)}
     return attn, means, stats
+
+
+def map_overlap(attn: jax.Array) -> jax.Array:
+  """Mean pairwise cosine between the region maps (columns of Â), averaged over the batch.
+
+  The collapse measure: the maps are non-negative, so this is 1 when every region attends the
+  same patches with the same profile and 0 when the regions are disjoint. Unlike the cosine of
+  the region means it does not see the tokens' common component.
+
+  Args:
+    attn: `[B, L, K]` Â.
+
+  Returns:
+    scalar; 0 when K = 1.
+  """
+  return mean_pairwise_cosine(jnp.swapaxes(attn, 1, 2))
 
 
 def mean_pairwise_cosine(means: jax.Array) -> jax.Array:
@@ -275,7 +327,8 @@ class GRM(nn.Module):
     self.regions = RegionPrompts(num_regions=g.num_regions,
                                  normalize_tokens=g.region_normalize_tokens,
                                  learn_scale=g.region_learn_scale,
-                                 init_scale=g.region_logit_scale)
+                                 init_scale=g.region_logit_scale,
+                                 prompt_init=g.get("region_prompt_init", "normal"))
     self.uncertainty = RegionUncertainty(hidden=g.phi_width, logvar_min=g.logvar_min,
                                          logvar_max=g.logvar_max, dtype=dtype)
     if g.get("learn_temperature", False):
@@ -290,8 +343,24 @@ class GRM(nn.Module):
     return dict(direction=self.config.grm.direction, chunk=chunk or None,
                 compute_dtype=None if dtype == jnp.float32 else dtype)
 
-  def _sim(self, x, xm, y, ym, chunk=None):
-    return token_similarity(x, xm, y, ym, **self._kernel_args(chunk))
+  def _sim(self, x, xm, y, ym, chunk=None, xw=None, yw=None):
+    return token_similarity(x, xm, y, ym, x_weight=xw, y_weight=yw, **self._kernel_args(chunk))
+
+  def _switch(self, name: str) -> bool:
+    """Ablation switch `grm.<name>` (absent = on)."""
+    return bool(self.config.grm.get(name, True))
+
+  def _levels(self) -> tuple:
+    """The score levels in use: weight != 0, and 'unc' only with region prompts."""
+    w = self.config.grm.level_weights
+    return tuple(k for k in LEVELS if w[k] != 0 and (k != "unc" or self._switch("use_regions")))
+
+  def _adapter(self, adapter, tokens, valid, switch, train):
+    """Adapter outputs, or keep-everything when the ablation switch is off."""
+    if self._switch(switch):
+      return adapter(tokens, valid, train=train)
+    return {"mask": valid.astype(jnp.float32), "keep": valid,
+            "prob": valid.astype(jnp.float32)}
 
   # -- encoders --------------------------------------------------------------------------------
 
@@ -321,12 +390,21 @@ class GRM(nn.Module):
     """
     v = self._image_tokens(images, train)
     valid = jnp.ones(v.shape[:2], bool)
-    sa = self.sa(v, valid, train=train)
+    sa = self._adapter(self.sa, v, valid, "use_sa", train)
     v_hat = v * sa["mask"][..., None]
-    attn, means, stats = self.regions(v_hat, sa["keep"])
-    u, logvar = self.uncertainty(means, attn, train=train)
-    return dict(v=v, valid=valid, v_hat=v_hat, sa=sa, attn=attn, means=means, stats=stats, u=u,
-                logvar=logvar)
+    out = dict(v=v, valid=valid, v_hat=v_hat, sa=sa, attn=None, means=None, stats={}, u=None,
+               logvar=None)
+    if not self._switch("use_regions"):
+      return out
+    # The keep weights (straight-through in training) gate the attention: the same mask as the
+    # key level's, and SA learns from the regions too.
+    attn, means, stats = self.regions(v_hat, sa["mask"])
+    if self._switch("use_uncertainty"):
+      u, logvar = self.uncertainty(means, attn, train=train)
+    else:  # sigma = 0
+      u, logvar = means, None
+    out.update(attn=attn, means=means, stats=stats, u=u, logvar=logvar)
+    return out
 
   def text_branch(self, input_ids: jax.Array, attention_mask: jax.Array,
                   train: bool = False, text_hidden=None) -> dict:
@@ -335,7 +413,7 @@ class GRM(nn.Module):
     text encoder call (data/text_cache.py)."""
     t = self._text_tokens(input_ids, attention_mask, train, text_hidden)
     valid = attention_mask.astype(bool)
-    ga = self.ga(t, valid, train=train)
+    ga = self._adapter(self.ga, t, valid, "use_ga", train)
     return dict(t=t, valid=valid, t_hat=t * ga["mask"][..., None], ga=ga)
 
   def encode_images(self, images: jax.Array, *, train: bool = False) -> dict:
@@ -349,8 +427,10 @@ class GRM(nn.Module):
        (kept tokens: the key level scores V on these), 'unc': `[B, K, E]` U, 'unc_mask': `[B, K]`}.
     """
     b = self.image_branch(images, train)
-    return {"ori": b["v"], "ori_mask": b["valid"], "key_mask": b["sa"]["keep"], "unc": b["u"],
-            "unc_mask": jnp.ones(b["u"].shape[:2], bool)}
+    out = {"ori": b["v"], "ori_mask": b["valid"], "key_mask": b["sa"]["keep"]}
+    if b["u"] is not None:  # None with grm.use_regions=False (no unc level)
+      out.update(unc=b["u"], unc_mask=jnp.ones(b["u"].shape[:2], bool))
+    return out
 
   def encode_texts(self, input_ids: jax.Array, attention_mask: jax.Array, text_hidden=None, *,
                    train: bool = False) -> dict:
@@ -359,28 +439,38 @@ class GRM(nn.Module):
     b = self.text_branch(input_ids, attention_mask, train, text_hidden)
     return {"ori": b["t"], "ori_mask": b["valid"], "key_mask": b["ga"]["keep"]}
 
-  def level_scores(self, img: dict, txt: dict, *, chunk=None) -> dict:
-    """level -> `[Ni, Nc]` kernel scores from `encode_images` / `encode_texts` outputs."""
+  def level_scores(self, img: dict, txt: dict, *, chunk=None, levels=LEVELS) -> dict:
+    """level -> `[Ni, Nc]` kernel scores from `encode_images` / `encode_texts` outputs, for the
+    requested `levels` ('unc' only when the features have it)."""
     # Evaluation: ori and key score the same tokens V, T with different masks, so one cosine
-    # block per tile serves both (training scores key on V_hat, T_hat: separate calls there).
+    # block per tile serves both (training weights the tokens instead: separate calls there).
     # Token-length buckets skip padding (same scores; see `similarity.token_similarity`).
     kw = dict(self._kernel_args(chunk), buckets=int(self.config.grm.get("eval_buckets", 1)))
-    ori, key = token_similarity_multi(
-        img["ori"], (img["ori_mask"], img["key_mask"]), txt["ori"],
-        (txt["ori_mask"], txt["key_mask"]), **kw)
-    return {
-        "ori": ori,
-        "key": key,
-        "unc": token_similarity(img["unc"], img["unc_mask"], txt["ori"], txt["key_mask"], **kw),
-    }
+    out = {}
+    pairs = [k for k in ("ori", "key") if k in levels]
+    if pairs:
+      mk = {"ori": "ori_mask", "key": "key_mask"}
+      scores = token_similarity_multi(
+          img["ori"], tuple(img[mk[k]] for k in pairs), txt["ori"],
+          tuple(txt[mk[k]] for k in pairs), **kw)
+      out.update(zip(pairs, scores))
+    if "unc" in levels and "unc" in img:
+      out["unc"] = token_similarity(img["unc"], img["unc_mask"], txt["ori"], txt["key_mask"],
+                                    **kw)
+    return out
 
   def score(self, img_feats: dict, txt_feats: dict, dense_feats=None, *, chunk=None,
             **unused) -> jax.Array:
-    """All-pairs eval score a*s_ori + b*s_key + c*s_unc -> `[Ni, Nc]` (dense_feats unused)."""
+    """All-pairs eval score a*s_ori + b*s_key + c*s_unc -> `[Ni, Nc]` (dense_feats unused).
+
+    Levels of weight 0 are not computed: `grm.level_weights` is a scoring choice that can be
+    changed at evaluation without retraining (it is not in the checkpoint fingerprint), e.g.
+    {ori: 1, key: 0, unc: 0} scores one level alone.
+    """
     del dense_feats, unused
     w = self.config.grm.level_weights
-    s = self.level_scores(img_feats, txt_feats, chunk=chunk)
-    return sum(w[k] * s[k] for k in LEVELS)
+    s = self.level_scores(img_feats, txt_feats, chunk=chunk, levels=self._levels())
+    return sum(w[k] * s[k] for k in s)
 
   def __call__(self, batch: dict, *, train: bool):
     """Training forward.
@@ -391,27 +481,69 @@ class GRM(nn.Module):
       train: dropout / Gumbel / noise on (rngs 'dropout', 'gumbel', 'noise').
 
     Returns:
-      sims: {'ori', 'key', 'unc'} -> `[B, B]` (row = image i, column = caption j).
-      aux: scalars 'recon', 'kl', 'ent' (auxiliary losses) and metrics 'keep_ratio_img',
-        'keep_ratio_txt', 'region_entropy', 'region_cos'.
+      sims: {'ori', 'key', 'unc'} (the levels of non-zero weight) -> `[B, B]` (row = image i,
+        column = caption j).
+      aux: scalars 'recon', 'kl', 'ent', 'div', 'keep' (auxiliary losses; 0 for a component
+        switched off) and metrics 'keep_ratio_img', 'keep_ratio_txt' (mean keep weight per
+        valid token), 'region_entropy', 'region_cos', 'region_mean_cos'.
     """
     im = self.image_branch(batch["image"], train)
     tx = self.text_branch(batch["input_ids"], batch["attention_mask"], train,
                           batch.get("text_hidden"))
-    chunk = self.config.grm.get("train_chunk", None)
-    t_key = tx["ga"]["keep"]
-    sims = {
-        "ori": self._sim(im["v"], im["valid"], tx["t"], tx["valid"], chunk),
-        "key": self._sim(im["v_hat"], im["sa"]["keep"], tx["t_hat"], t_key, chunk),
-        "unc": self._sim(im["u"], jnp.ones(im["u"].shape[:2], bool), tx["t_hat"], t_key, chunk),
-    }
-    keep_ratio = lambda k, v: jnp.sum(k) / jnp.maximum(jnp.sum(v), 1)
+    g = self.config.grm
+    chunk = g.get("train_chunk", None)
+    levels = self._levels()
+    # Key and unc levels: presence = the padding mask, weight = the keep mask (straight-through:
+    # forward 0/1, so the values are the kernel on the kept tokens; backward the soft keep
+    # probability). Tokens are V and T themselves: V_hat would zero the dropped tokens, whose
+    # best match is what tells the adapter whether keeping them would raise the score.
+    w_img, w_txt = im["sa"]["mask"], tx["ga"]["mask"]
+    sims = {}
+    if "ori" in levels:
+      sims["ori"] = self._sim(im["v"], im["valid"], tx["t"], tx["valid"], chunk)
+    if "key" in levels:
+      sims["key"] = self._sim(im["v"], im["valid"], tx["t"], tx["valid"], chunk, w_img, w_txt)
+    if "unc" in levels:
+      sims["unc"] = self._sim(im["u"], jnp.ones(im["u"].shape[:2], bool), tx["t"], tx["valid"],
+                              chunk, None, w_txt)
+    zero = jnp.zeros((), jnp.float32)
+    target = float(g.get("keep_ratio", 0.5))
     aux = {
-        "recon": losses.recon_loss(im["means"], im["v_hat"], im["sa"]["keep"]),
-        "kl": losses.kl_loss(im["logvar"]),
-        "ent": losses.entropy_loss(im["attn"]),
-        "keep_ratio_img": keep_ratio(im["sa"]["keep"], im["valid"]),
-        "keep_ratio_txt": keep_ratio(t_key, tx["valid"]),
-        **im["stats"],
+        "recon": zero, "kl": zero, "ent": zero, "div": zero,
+        "keep": (keep_penalty(w_img, im["valid"], target) if self._switch("use_sa") else zero)
+                + (keep_penalty(w_txt, tx["valid"], target) if self._switch("use_ga") else zero),
+        "keep_ratio_img": keep_ratio(w_img, im["valid"]),
+        "keep_ratio_txt": keep_ratio(w_txt, tx["valid"]),
+        "region_entropy": zero, "region_cos": zero, "region_mean_cos": zero,
     }
+    if im["attn"] is not None:
+      aux.update(im["stats"])
+      aux["recon"] = losses.recon_loss(im["means"], im["v"], w_img)
+      aux["ent"] = losses.entropy_floor_loss(im["attn"], g.get("region_entropy_floor", None))
+      aux["div"] = im["stats"]["region_cos"]
+      if im["logvar"] is not None:
+        aux["kl"] = losses.kl_loss(im["logvar"])
     return sims, aux
+
+
+def keep_ratio(mask: jax.Array, valid: jax.Array) -> jax.Array:
+  """Mean keep weight over the valid tokens of the batch (forward: the fraction kept)."""
+  mask = jnp.where(valid, mask.astype(jnp.float32), 0.0)
+  return jnp.sum(mask) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def keep_penalty(mask: jax.Array, valid: jax.Array, target: float) -> jax.Array:
+  """DynamicViT's ratio loss: mean over items of (keep ratio of the item - target)^2.
+
+  Args:
+    mask: `[B, L]` keep weights (straight-through: the forward ratio is the hard one, the
+      gradient reaches the soft keep probabilities).
+    valid: `[B, L]` bool.
+    target: the wanted fraction of valid tokens kept.
+
+  Returns:
+    scalar; items without a valid token count 0.
+  """
+  n = jnp.sum(valid, axis=-1)
+  r = jnp.sum(jnp.where(valid, mask.astype(jnp.float32), 0.0), axis=-1) / jnp.maximum(n, 1)
+  return jnp.mean(jnp.where(n > 0, jnp.square(r - target), 0.0))

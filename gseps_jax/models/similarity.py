@@ -28,6 +28,16 @@ Flickr30K test captions fill 15.9 of 32 text positions on average (pinned BERT t
 Empty items: an item with no valid token scores exactly 0 against everything (and so gets zero
 gradient). Invalid tokens never win a max and never enter a mean. All values stay finite.
 
+Token weights (`x_weight`, `y_weight`, optional, for training GRM's keep decisions): a float
+weight w in [0, 1] per token makes the token's presence differentiable. The mean becomes the
+w-weighted mean, sum_l w_l best_l / sum_l w_l, and the max is gated: a candidate token of
+weight w offers w * (cos + 1) - 1 instead of cos (w = 1: its cosine; w = 0: -1, the lowest
+cosine, so it never beats a weight-1 token). With the straight-through keep mask of the saliency
+adapters (forward 0/1, backward the soft keep probability) and the mask = the padding mask, the
+forward value is exactly the boolean kernel on the kept tokens, and the gradient reaches every
+token's keep probability: a dropped token's d score / d w_l = (best_l - mean) / sum w says whether
+adding it would raise the mean. Without weights (evaluation) the boolean path runs unchanged.
+
 `sharded_token_similarity` runs the same kernel under `shard_map` with x split over one mesh axis
 and y over another (or replicated), giving the score matrix sharded `P(x_axis, y_axis)` without
 any communication: every device scores its own block of the pair grid.
@@ -65,7 +75,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def _masked_max_mean(s, max_mask, mean_mask, max_axis):
+def _masked_max_mean(s, max_mask, mean_mask, max_axis, max_weight=None, mean_weight=None):
   """Masked max of `s` over `max_axis`, then masked mean over the remaining token axis.
 
   Args:
@@ -73,6 +83,8 @@ def _masked_max_mean(s, max_mask, mean_mask, max_axis):
     max_mask: boolean, broadcastable to `s`: tokens allowed to win the max.
     mean_mask: boolean `[cx or 1, cy or 1, L]` (L = the axis left after the max).
     max_axis: 2 (max over x tokens) or 3 (max over y tokens).
+    max_weight: None, or float weights shaped like `max_mask`: gated max (module docstring).
+    mean_weight: None, or float weights shaped like `mean_mask`: weighted mean.
 
   Returns:
     `[cx, cy]`; 0 where either side has no valid token.
@@ -84,14 +96,21 @@ def _masked_max_mean(s, max_mask, mean_mask, max_axis):
   # (the roofline's memory floor); inside the lax.map'ed kernel the speed is unchanged
   # (docs/performance.md, "Third pass").
   bias = jnp.where(max_mask, 0.0, _NEG).astype(s.dtype)
-  best = jnp.max(s + bias, axis=max_axis)  # [cx, cy, L]
+  if max_weight is None:
+    best = jnp.max(s + bias, axis=max_axis)  # [cx, cy, L]
+  else:  # gated: w * (cos + 1) - 1
+    best = jnp.max((s + 1.0) * max_weight.astype(s.dtype) + bias, axis=max_axis) - 1.0
   any_max = jnp.any(max_mask, axis=max_axis)  # the max side has >= 1 valid token
-  count = jnp.sum(mean_mask, axis=-1)
-  total = jnp.sum(jnp.where(mean_mask & any_max, best, 0.0), axis=-1)
-  return total / jnp.maximum(count, 1).astype(total.dtype)
+  if mean_weight is None:
+    count = jnp.sum(mean_mask, axis=-1)
+    total = jnp.sum(jnp.where(mean_mask & any_max, best, 0.0), axis=-1)
+    return total / jnp.maximum(count, 1).astype(total.dtype)
+  w = jnp.where(mean_mask & any_max, mean_weight.astype(best.dtype), 0.0)
+  den = jnp.sum(w, axis=-1)
+  return jnp.sum(w * best, axis=-1) / jnp.where(den > 0, den, 1.0)
 
 
-def _tile_scores(xt, xms, yt, yms, *, direction, precision, acc_dtype):
+def _tile_scores(xt, xms, yt, yms, xws=None, yws=None, *, direction, precision, acc_dtype):
   """Scores of one tile of the pair grid, for one or several (x_mask, y_mask) pairs.
 
   Args:
@@ -99,6 +118,7 @@ def _tile_scores(xt, xms, yt, yms, *, direction, precision, acc_dtype):
     xms: tuple of M `[cx, Lx]` bool x masks.
     yt: `[cy, Ly, D]` normalised y tokens (compute dtype).
     yms: tuple of M `[cy, Ly]` bool y masks (paired with `xms`).
+    xws, yws: None, or tuples of M token weights (`[c, L]` float or None), paired with the masks.
 
   Returns:
     `[M, cx, cy]` in `acc_dtype`: the cosine block is computed once and reduced once per pair.
@@ -109,14 +129,21 @@ def _tile_scores(xt, xms, yt, yms, *, direction, precision, acc_dtype):
   s = jnp.einsum("ild,jmd->ijlm", xt, yt, precision=precision,
                  preferred_element_type=acc_dtype)
   outs = []
-  for xm, ym in zip(xms, yms):
+  xws = (None,) * len(xms) if xws is None else xws
+  yws = (None,) * len(yms) if yws is None else yws
+  for xm, ym, xw, yw in zip(xms, yms, xws, yws):
     xm4 = xm[:, None, :, None]  # [cx, 1, Lx, 1]
     ym4 = ym[None, :, None, :]  # [1, cy, 1, Ly]
+    xw3, yw3 = (None if xw is None else xw[:, None, :]), (None if yw is None else yw[None, :, :])
     out = []
     if direction in ("x2y", "both"):  # each x token: best y token; average over x tokens
-      out.append(_masked_max_mean(s, ym4, xm[:, None, :], max_axis=3))
+      out.append(_masked_max_mean(s, ym4, xm[:, None, :], max_axis=3,
+                                  max_weight=None if yw is None else yw3[:, :, None, :],
+                                  mean_weight=xw3))
     if direction in ("y2x", "both"):  # each y token: best x token; average over y tokens
-      out.append(_masked_max_mean(s, xm4, ym[None, :, :], max_axis=2))
+      out.append(_masked_max_mean(s, xm4, ym[None, :, :], max_axis=2,
+                                  max_weight=None if xw is None else xw3[..., None],
+                                  mean_weight=yw3))
     outs.append(out[0] if len(out) == 1 else 0.5 * (out[0] + out[1]))
   return jnp.stack(outs)
 
@@ -131,13 +158,13 @@ def _tile_sizes(chunk: Chunk, bx: int, by: int) -> Tuple[int, int]:
 
 
 def _pad_items(t, ms, n):
-  """Pads the item axis of tokens `[B, L, D]` and of each mask `[B, L]` in the tuple `ms` to
-  `n` with empty items."""
+  """Pads the item axis of tokens `[B, L, D]` and of each `[B, L]` array in the pytree `ms`
+  (masks, weights; None entries stay None) to `n` with empty items."""
   pad = n - t.shape[0]
   if pad == 0:
     return t, ms
   return (jnp.pad(t, ((0, pad), (0, 0), (0, 0))),
-          tuple(jnp.pad(m, ((0, pad), (0, 0))) for m in ms))
+          jax.tree.map(lambda m: jnp.pad(m, ((0, pad), (0, 0))), ms))
 
 
 def _check_inputs(x, x_mask, y, y_mask, direction):
@@ -155,6 +182,7 @@ def _check_inputs(x, x_mask, y, y_mask, direction):
 @functools.partial(jax.jit, static_argnames=("direction", "chunk", "compute_dtype", "precision",
                                              "buckets"))
 def token_similarity(x: jax.Array, x_mask: jax.Array, y: jax.Array, y_mask: jax.Array, *,
+                     x_weight: Optional[jax.Array] = None, y_weight: Optional[jax.Array] = None,
                      direction: str = "both", chunk: Chunk = None,
                      compute_dtype: Any = None,
                      precision: Optional[lax.Precision] = None, buckets: int = 1) -> jax.Array:
@@ -165,6 +193,9 @@ def token_similarity(x: jax.Array, x_mask: jax.Array, y: jax.Array, y_mask: jax.
     x_mask: `[Bx, Lx]` bool (or 0/1): valid x tokens.
     y: `[By, Ly, D]` tokens of the y items (e.g. captions).
     y_mask: `[By, Ly]` bool (or 0/1): valid y tokens.
+    x_weight, y_weight: None (the boolean kernel), or `[B, L]` float token weights in [0, 1]:
+      weighted mean and gated max over the tokens of the mask (module docstring). Training only
+      (GRM's straight-through keep masks); each side independently.
     direction: "x2y" (x tokens ask, averaged over x), "y2x" (y tokens ask, averaged over y) or
       "both" (the two halved); see the module docstring.
     chunk: pair-grid tile: None = one tile with all pairs; an int c = c x c tiles; a pair
@@ -180,8 +211,12 @@ def token_similarity(x: jax.Array, x_mask: jax.Array, y: jax.Array, y_mask: jax.
     item has no valid token.
   """
   _check_inputs(x, x_mask, y, y_mask, direction)
+  for name, w, m in (("x_weight", x_weight, x_mask), ("y_weight", y_weight, y_mask)):
+    if w is not None and w.shape != m.shape:
+      raise ValueError(f"{name} must be shaped like its mask {m.shape}, got {w.shape}")
   return _all_pairs(x, (x_mask,), y, (y_mask,), direction=direction, chunk=chunk,
-                    compute_dtype=compute_dtype, precision=precision, buckets=buckets)[0]
+                    compute_dtype=compute_dtype, precision=precision, buckets=buckets,
+                    x_weights=(x_weight,), y_weights=(y_weight,))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("direction", "chunk", "compute_dtype", "precision",
@@ -220,13 +255,14 @@ def token_similarity_multi(x: jax.Array, x_masks: Sequence[jax.Array], y: jax.Ar
 def _pack_and_sort(t, ms, valid):
   """Moves each item's valid tokens to the front and sorts the items by valid count.
 
-  Returns (tokens, masks, perm): item i of the outputs is input item perm[i].
+  `ms`: pytree of `[B, L]` arrays (masks, weights) permuted alike.
+  Returns (tokens, ms, perm): item i of the outputs is input item perm[i].
   """
   order = jnp.argsort(~valid, axis=1, stable=True)  # valid tokens first, in order
   t = jnp.take_along_axis(t, order[..., None], axis=1)
-  ms = tuple(jnp.take_along_axis(m, order, axis=1) for m in ms)
   perm = jnp.argsort(jnp.sum(valid, axis=1), stable=True)
-  return t[perm], tuple(m[perm] for m in ms), perm
+  ms = jax.tree.map(lambda m: jnp.take_along_axis(m, order, axis=1)[perm], ms)
+  return t[perm], ms, perm
 
 
 def _bucket_lengths(length: int, buckets: int) -> Tuple[int, ...]:
@@ -234,32 +270,39 @@ def _bucket_lengths(length: int, buckets: int) -> Tuple[int, ...]:
 
 
 def _bucketed_tile(tile, lx_opts, ly_opts):
-  """`tile(xt, xms, yt, yms)` on tokens cut to the smallest static lengths that hold the tile's
-  longest items (valid tokens packed first by `_pack_and_sort`)."""
+  """`tile(xt, xms, yt, yms, xws, yws)` on tokens cut to the smallest static lengths that hold
+  the tile's longest items (valid tokens packed first by `_pack_and_sort`)."""
   def cut(lx, ly):
-    return lambda xt, xms, yt, yms: tile(xt[:, :lx], tuple(m[:, :lx] for m in xms),
-                                         yt[:, :ly], tuple(m[:, :ly] for m in yms))
+    def f(xt, xms, yt, yms, xws, yws):
+      cx, cy = (lambda m: m[:, :lx]), (lambda m: m[:, :ly])
+      return tile(xt[:, :lx], jax.tree.map(cx, xms), yt[:, :ly], jax.tree.map(cy, yms),
+                  jax.tree.map(cx, xws), jax.tree.map(cy, yws))
+    return f
   branches = [cut(lx, ly) for lx in lx_opts for ly in ly_opts]
 
   def longest(ms):  # valid tokens of the tile's longest item, under any of the masks
     return jnp.max(jnp.sum(functools.reduce(jnp.logical_or, ms), axis=-1))
 
-  def run(xt, xms, yt, yms):
+  def run(xt, xms, yt, yms, xws, yws):
     ix = jnp.searchsorted(jnp.asarray(lx_opts), longest(xms))
     iy = jnp.searchsorted(jnp.asarray(ly_opts), longest(yms))
-    return lax.switch(ix * len(ly_opts) + iy, branches, xt, xms, yt, yms)
+    return lax.switch(ix * len(ly_opts) + iy, branches, xt, xms, yt, yms, xws, yws)
   return run
 
 
 def _all_pairs(x, x_masks, y, y_masks, *, direction, chunk, compute_dtype, precision,
-               buckets=1):
-  """Shared body of the two kernels: mask tuples in, `[M, Bx, By]` out."""
+               buckets=1, x_weights=None, y_weights=None):
+  """Shared body of the two kernels: mask tuples (and optional weight tuples, entries None or
+  `[B, L]` float) in, `[M, Bx, By]` out."""
   x_masks = tuple(m.astype(bool) for m in x_masks)
   y_masks = tuple(m.astype(bool) for m in y_masks)
   # float32 unless the inputs are float64 (x64 mode, used by the gradient tests).
   base = jnp.result_type(x.dtype, y.dtype, jnp.float32)
   cdt = base if compute_dtype is None else jnp.dtype(compute_dtype)
   acc = jnp.promote_types(cdt, jnp.float32)
+  as_acc = lambda ws, n: ((None,) * n if ws is None
+                          else tuple(None if w is None else w.astype(acc) for w in ws))
+  x_weights, y_weights = as_acc(x_weights, len(x_masks)), as_acc(y_weights, len(y_masks))
   # Normalise once (O(B L D)), outside the tile loop; tokens invalid under every mask are zeroed
   # so garbage in padding cannot matter even before the masks are applied. (A token valid under
   # one mask only is masked out of the other reductions, so sharing the tokens is exact.)
@@ -276,22 +319,23 @@ def _all_pairs(x, x_masks, y, y_masks, *, direction, chunk, compute_dtype, preci
   tile = functools.partial(_tile_scores, direction=direction, precision=precision,
                            acc_dtype=acc)
   if buckets > 1:
-    xn, x_masks, xperm = _pack_and_sort(xn, x_masks, x_any)
-    yn, y_masks, yperm = _pack_and_sort(yn, y_masks, y_any)
+    xn, (x_masks, x_weights), xperm = _pack_and_sort(xn, (x_masks, x_weights), x_any)
+    yn, (y_masks, y_weights), yperm = _pack_and_sort(yn, (y_masks, y_weights), y_any)
     tile = _bucketed_tile(tile, _bucket_lengths(lx, buckets), _bucket_lengths(ly, buckets))
   if nx == 1 and ny == 1:
-    out = tile(xn, x_masks, yn, y_masks)
+    out = tile(xn, x_masks, yn, y_masks, x_weights, y_weights)
   else:
-    xn, xms = _pad_items(xn, x_masks, nx * cx)
-    yn, yms = _pad_items(yn, y_masks, ny * cy)
-    xs = (xn.reshape(nx, cx, lx, d), tuple(m.reshape(nx, cx, lx) for m in xms))
-    ys = (yn.reshape(ny, cy, ly, d), tuple(m.reshape(ny, cy, ly) for m in yms))
+    xn, (xms, xws) = _pad_items(xn, (x_masks, x_weights), nx * cx)
+    yn, (yms, yws) = _pad_items(yn, (y_masks, y_weights), ny * cy)
+    xs = (xn.reshape(nx, cx, lx, d), jax.tree.map(lambda m: m.reshape(nx, cx, lx), (xms, xws)))
+    ys = (yn.reshape(ny, cy, ly, d), jax.tree.map(lambda m: m.reshape(ny, cy, ly), (yms, yws)))
     # Rematerialise each tile in the backward pass: otherwise scan saves every tile's cosine
     # block as a residual and the backward needs the full [Bx, By, Lx, Ly] after all.
     ctile = jax.checkpoint(tile)
 
     def row(xb):
-      return lax.map(lambda yb: ctile(xb[0], xb[1], yb[0], yb[1]), ys)  # [ny, M, cx, cy]
+      return lax.map(lambda yb: ctile(xb[0], xb[1][0], yb[0], yb[1][0], xb[1][1], yb[1][1]),
+                     ys)  # [ny, M, cx, cy]
 
     out = lax.map(row, xs)  # [nx, ny, M, cx, cy]
     m = len(x_masks)
