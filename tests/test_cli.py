@@ -207,7 +207,8 @@ def test_validate_rejects_bad_values_and_accepts_every_shipped_config():
 
 
 def _readme_command():
-  """README command 1's `python -m gseps_jax.train ...` part, as README.md writes it."""
+  """README command 1's `python -m gseps_jax.train ...` part as README.md writes it, without
+  `python -m`: [module, args...]."""
   text = (REPO / "README.md").read_text()
   after = text.split("Train and evaluate the embedded demo", 1)[1]
   block = after.split("```bash", 1)[1].split("```", 1)[0]
@@ -224,16 +225,17 @@ def test_readme_command_one_runs_from_a_fresh_directory_and_reruns(tmp_path):
   assert not os.path.isabs(workdir)
   # A checkout's working directory: `configs/` is there (README paths are relative to it).
   (tmp_path / "configs").symlink_to(REPO / "configs")
-  # Only shortening overrides: a few steps past a checkpoint on a small generated set (built
-  # into the README's relative data_dir under tmp_path).
+  # Only shortening overrides: 3 steps of batch 8 past a checkpoint, on a small generated set
+  # (built into the README's relative data_dir under tmp_path; its frozen MiniLM features are
+  # computed for 80 + 40 captions instead of 25,000 + 2,500).
   shorten = ["--config.train.max_steps=3", "--config.checkpoint.every_steps=2",
-             "--config.data.synthetic.num_train=64", "--config.data.synthetic.num_dev=16",
-             "--config.data.synthetic.num_test=16"]
-  r = run_cli(*argv[1:], *shorten, cwd=tmp_path)
+             "--config.train.batch_size=8", "--config.data.synthetic.num_train=16",
+             "--config.data.synthetic.num_dev=8", "--config.data.synthetic.num_test=8"]
+  r = run_cli(*argv, *shorten, cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-4000:]
   results = tmp_path / workdir / "results.json"
   assert json.loads(results.read_text())["step"] == 3
   assert (tmp_path / workdir / "checkpoints" / "2").is_dir()
-  again = run_cli(*argv[1:], *shorten, cwd=tmp_path)
+  again = run_cli(*argv, *shorten, cwd=tmp_path)
   assert again.returncode == 0, again.stderr[-4000:]
   assert json.loads(results.read_text())["step"] == 3
