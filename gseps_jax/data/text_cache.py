@@ -177,7 +177,7 @@ def compute_features(texts: Sequence[str], path, *, encoder, params, tok, max_le
             end="" if done < n else "\n", file=sys.stderr, flush=True)
     table.flush()
     del table
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # local-path-ok: the memory-mapped cache is a local file
   finally:
     if tmp.exists():
       tmp.unlink()
@@ -267,7 +267,7 @@ def _build_lock(path: epath.Path):
   """An exclusive lock on `<path>.lock` (processes on this machine building the same cache)."""
   import fcntl  # pylint: disable=g-import-not-at-top
   path.parent.mkdir(parents=True, exist_ok=True)
-  with open(f"{path}.lock", "w") as f:
+  with open(f"{path}.lock", "w") as f:  # local-path-ok: flock needs a local file
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
