@@ -159,3 +159,33 @@ def test_training_loss_same_with_cache(tmp_path, minilm):
   assert abs(with_cache - without) < 2e-3 * max(1.0, abs(without)), (with_cache, without)
   shuffled = dict(batch, text_hidden=batch["text_hidden"][::-1])
   assert abs(loss(shuffled) - without) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["seps"])  # GRM: test_training_loss_same_with_cache
+def test_models_use_text_hidden_in_place_of_the_frozen_tower(name):
+  """`text_hidden` / `dense_hidden` given = the frozen text tower's train=False outputs: the
+  training forward scores exactly as when the tower runs (no dropout in a frozen tower), and
+  differently when the features are of other captions."""
+  from gseps_jax import models, trainer
+  config = tiny.tiny_config(name)
+  config.model.freeze_text = True
+  config.model.text.hidden_dropout_prob = 0.3  # dropout a frozen tower must not apply
+  model = models.build_model(config.model)
+  key = jax.random.key(1)
+  rngs = {"params": key, "dropout": key, "gumbel": key, "noise": key}
+  batch = trainer.sample_batch(config, 4)
+  r = np.random.default_rng(0)
+  batch["input_ids"] = r.integers(1000, 2000, batch["input_ids"].shape).astype(np.int32)
+  batch["dense_ids"] = r.integers(1000, 2000, batch["dense_ids"].shape).astype(np.int32)
+  batch["image"] = r.normal(size=batch["image"].shape).astype(np.float32)
+  params = model.init(rngs, batch, train=False)["params"]
+  tower = lambda ids, mask: model.apply(
+      {"params": params}, ids, mask, method=lambda m, i, a: m.text_encoder(i, a, train=False))
+  cached = dict(batch, text_hidden=tower(batch["input_ids"], batch["attention_mask"]),
+                dense_hidden=tower(batch["dense_ids"], batch["dense_mask"]))
+  fwd = jax.jit(lambda b: model.apply({"params": params}, b, train=True, rngs=rngs)[0])
+  plain, from_cache = fwd(batch), fwd(cached)
+  for level, s in plain.items():
+    np.testing.assert_allclose(from_cache[level], s, rtol=1e-4, atol=1e-5)
+  wrong = fwd(dict(cached, text_hidden=cached["text_hidden"][::-1]))
+  assert any(np.abs(wrong[k] - v).max() > 1e-3 for k, v in plain.items())
