@@ -173,6 +173,7 @@ _RULES = (
      "0 (auto: the longest dense caption of the data, at most 512) or a length >= 2 (tokens)"),
     ("data.num_workers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     ("data.text_aug_prob", lambda v: _is_num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    ("data.hflip", lambda v: _is_num(v) and 0 <= v <= 1, "a flip probability in [0, 1]"),
     ("data.crop_scale", lambda v: len(v) == 2 and all(_is_num(x) for x in v)
      and 0 < v[0] <= v[1] <= 1, "two fractions (lo, hi) with 0 < lo <= hi <= 1"),
     ("data.synthetic.num_train", lambda v: _is_int(v) and v > 0, _POSITIVE),
@@ -186,6 +187,8 @@ _RULES = (
     ("optim.warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (steps)"),
     ("optim.clip_norm", lambda v: _is_num(v) and v > 0, "a gradient norm > 0"),
     ("optim.grad_accum", lambda v: _is_int(v) and v > 0, _POSITIVE + " (steps per update)"),
+    ("optim.schedule", lambda v: v in ("step", "cosine"), "one of ('step', 'cosine')"),
+    ("optim.min_lr_ratio", lambda v: _is_num(v) and 0 <= v <= 1, "a fraction of lr in [0, 1]"),
     ("loss.kind", lambda v: v in LOSS_KINDS, f"one of {LOSS_KINDS}"),
     ("loss.margin", lambda v: _is_num(v) and v >= 0, "a margin >= 0"),
     ("loss.init_temperature", lambda v: _is_num(v) and v > 0, "a temperature > 0"),
