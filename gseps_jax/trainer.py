@@ -125,9 +125,10 @@ def install_signal_handlers():
 class MetricsWriter:
   """metrics.jsonl + TensorBoard event files (tensorboardX, no TensorFlow); process 0 only."""
 
-  def __init__(self, workdir, resume_step: int = 0):
+  def __init__(self, workdir, resume_step: int | None = None):
     """`resume_step`: the step training restarts from; rows after it (written by a run that was
-    killed before its next checkpoint) are dropped so that no step appears twice."""
+    killed before its next checkpoint) are dropped so that no step appears twice (None: all
+    rows are kept)."""
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
@@ -136,7 +137,7 @@ class MetricsWriter:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self.tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
-  def _read_rows(self, resume_step: int) -> list[dict]:
+  def _read_rows(self, resume_step: int | None) -> list[dict]:
     """Existing rows up to `resume_step` (a torn last line is dropped); rewrites the file
     atomically when anything was dropped."""
     if not self.path.exists():
@@ -148,10 +149,11 @@ class MetricsWriter:
         row = json.loads(line)
       except ValueError:
         continue
-      if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= resume_step:
+      if isinstance(row, dict) and isinstance(row.get("step"), int) and (
+          resume_step is None or row["step"] <= resume_step):
         rows.append(row)
     if len(rows) != len(lines):
-      log.info("metrics.jsonl: dropped %d rows after step %d (from a run stopped before its next "
+      log.info("metrics.jsonl: dropped %d rows after step %s (from a run stopped before its next "
                "checkpoint).", len(lines) - len(rows), resume_step)
       self._rewrite(rows)
     return rows

@@ -6,8 +6,11 @@ on its own copy of that workdir. The rest runs at the Checkpointer level (no tra
 """
 
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import tiny
+from conftest import REPO
 from gseps_jax import checkpoint as ckpt_lib
 from gseps_jax import fileio
 from gseps_jax import trainer
@@ -233,6 +237,37 @@ def test_digest_sees_any_changed_or_swapped_element(dtype):
   y = flat.copy()
   y[i], y[j] = flat[j], flat[i]
   assert ckpt_lib.state_digest({"x": jnp.asarray(y.reshape(x.shape))})[0] != ref
+
+
+_SHARDED_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from gseps_jax import checkpoint as c
+x = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
+one = c.state_digest({"x": jnp.asarray(x)})[0]
+four = jax.make_mesh((4,), ("d",))
+rows = jax.device_put(x, NamedSharding(four, P("d", None)))
+assert c.state_digest({"x": rows})[0] == one
+ck = c.Checkpointer(sys.argv[1], best_metric=None, async_save=False)
+ck.save(1, {"x": rows}, {})
+grid = NamedSharding(jax.make_mesh((2, 2), ("a", "b")), P("b", "a"))
+state, meta = ck.restore({"x": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=grid)})
+assert meta["step"] == 1 and state["x"].sharding == grid
+np.testing.assert_array_equal(state["x"], x)
+ck.close()
+print("OK")
+"""
+
+
+def test_digest_is_the_same_for_any_sharding(tmp_path):
+  """4 fake CPU devices: rows sharded over 4 devices digest like one device, and a checkpoint
+  saved that way verifies after restoring onto a 2 x 2 mesh."""
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+             " --xla_force_host_platform_device_count=4", PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path)], env=env,
+                        capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
