@@ -174,6 +174,24 @@ def test_user_mistakes_are_one_line_without_traceback(tmp_path):
   assert_user_error(r, "train_caps.txt line 3", "UTF-8")
 
 
+def test_run_reports_user_errors_in_one_line_and_keeps_tracebacks_for_bugs(capsys):
+  from gseps_jax import checkpoint, cli
+
+  def boom(exc):
+    raise exc
+
+  assert checkpoint.CheckpointDamagedError in cli.user_errors()  # looked up by name
+  assert cli.run(boom, checkpoint.CheckpointDamagedError("step 4 is damaged")) == 2
+  assert cli.run(boom, FileNotFoundError("no such checkpoint")) == 2
+  assert cli.run(boom, ValueError("bad --k"), user_errors_extra=(ValueError,)) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      "error: step 4 is damaged", "error: no such checkpoint", "error: bad --k"]
+  for bug in (RuntimeError("a bug"), ValueError("shapes (3,) and (4,)"), KeyError("x")):
+    with pytest.raises(type(bug)):
+      cli.run(boom, bug)
+  assert cli.run(lambda a: a + 1, 1) == 2  # the function's own return value passes through
+
+
 def test_non_utf8_jsonl_names_file_and_line(tmp_path):
   from gseps_jax.data import karpathy
   dense = tmp_path / "f30k_train.jsonl"
