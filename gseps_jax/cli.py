@@ -30,7 +30,7 @@ THIRD_PARTY_LOGGERS = ("absl", "orbax", "jax", "tensorflow_datasets", "etils", "
                        "urllib3", "matplotlib", "PIL", "transformers")
 # Config fields that hold paths (resolved to absolute at the command line).
 CONFIG_PATH_FIELDS = ("data.data_dir", "data.manual_dir", "data.image_dir", "data.tokenizer_dir",
-                      "model.vision_hf_dir", "model.text_hf_dir")
+                      "data.text_cache_dir", "model.vision_hf_dir", "model.text_hf_dir")
 # Exception types raised for user mistakes, looked up by name in modules already imported (a
 # module that is not imported cannot have raised; looking them up imports nothing heavy).
 _USER_ERROR_NAMES = (

@@ -139,6 +139,18 @@ def test_resolve_path(tmp_path, monkeypatch):
   cli.resolve_config_paths(c)
   assert c.data.data_dir == str(tmp_path / "data_cache" / "tfds")
   assert c.data.manual_dir == "gs://b/caps" and c.model.text_hf_dir == ""
+  # Every folder field of the shipped configs is resolved (a new *_dir field must be listed).
+  from configs import seps_vit
+
+  def dir_fields(node, prefix=""):
+    for k, v in node.items():
+      if hasattr(v, "items"):
+        yield from dir_fields(v, f"{prefix}{k}.")
+      elif k.endswith("_dir"):
+        yield prefix + k
+
+  for mod in (grm_vit, seps_vit):
+    assert set(dir_fields(mod.get_config("tiny"))) <= set(cli.CONFIG_PATH_FIELDS)
 
 
 def test_user_mistakes_are_one_line_without_traceback(tmp_path):
