@@ -283,8 +283,9 @@ class Checkpointer:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"gseps_jax_move_damaged_{s}")
     self.manager.reload()
-    log.warning("Moved damaged checkpoint step %d to %s (kept for inspection; the step will be "
-                "saved again).", s, dest)
+    if jax.process_index() == 0:  # the others' clocks may name another second
+      log.warning("Moved damaged checkpoint step %d to %s (kept for inspection; the step will "
+                  "be saved again).", s, dest)
     return dest
 
   def restore(self, abstract_state: Any, config=None, step: int | None = None, *,
