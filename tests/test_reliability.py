@@ -131,6 +131,10 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_training_continues(base_ru
                                                                          caplog):
   wd = _copy(base_run, tmp_path)
   _damage(wd, 4)
+  # The lost run also logged steps 7 and 8 (never checkpointed) before it was killed mid-line.
+  with (wd / "metrics.jsonl").open("a") as f:
+    f.write("".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n" for s in (7, 8)))
+    f.write('{"step": 9, "train/lo')
   with caplog.at_level("WARNING"):
     result = _train(wd, **{"train.max_steps": 6})
   assert result["step"] == 6
@@ -138,7 +142,8 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_training_continues(base_ru
   moved = list((wd / "checkpoints_damaged").iterdir())
   assert [p.name.split("-")[0] for p in moved] == ["4"] and (moved[0] / "state").is_dir()
   assert {4, 6} <= set(_steps(wd))  # step 4 was written again: no StepAlreadyExistsError
-  # Resumed from step 2 while metrics.jsonl held rows 3 and 4 of the lost run: each step once.
+  # Resumed from step 2 while metrics.jsonl held rows 3, 4, 7, 8 and a torn line of the lost
+  # run: cut to step 2 on resume, so each step appears once and no stale row is left.
   train_steps = [r["step"] for r in _rows(wd) if "train/loss" in r]
   assert train_steps == [1, 2, 3, 4, 5, 6]
 
