@@ -1,10 +1,12 @@
 """Runs `trainer.train_and_evaluate` on a tiny config in its own process (for tests that need a
 fresh JAX: fake devices, several processes, signals). Prints `RESULT <json>` at the end.
 
-  python tests/_train_worker.py WORKDIR MODEL '{"train.max_steps": 4}' [--sigterm_at=N] [--nan_at=N]
+  python tests/_train_worker.py WORKDIR MODEL '{"train.max_steps": 4}' [--sigterm_at=N]
+      [--signal_at=N:SIGNUM] [--nan_at=N]
 
 --sigterm_at=N sends this process a real SIGTERM while step N's batch is being fed (the trainer's
-handler must checkpoint after step N and stop); --nan_at=N feeds a NaN image at step N.
+handler must checkpoint after step N and stop); --signal_at=N:SIGNUM the same with any signal
+(e.g. 2 = SIGINT, Ctrl-C); --nan_at=N feeds a NaN image at step N.
 """
 
 import faulthandler
@@ -42,6 +44,9 @@ def main():
     calls["n"] += 1
     if calls["n"] == int(opts.get("sigterm_at", -1)):
       os.kill(os.getpid(), signal.SIGTERM)
+    at, _, signum = opts.get("signal_at", "-1:0").partition(":")
+    if calls["n"] == int(at):
+      os.kill(os.getpid(), int(signum))
     if calls["n"] == int(opts.get("nan_at", -1)):
       local = dict(local, image=np.full_like(local["image"], np.nan))
     return real(local, mesh)
