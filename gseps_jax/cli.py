@@ -36,6 +36,7 @@ CONFIG_PATH_FIELDS = ("data.data_dir", "data.manual_dir", "data.image_dir", "dat
 _USER_ERROR_NAMES = (
     ("gseps_jax.checkpoint", "CheckpointMismatchError"),
     ("gseps_jax.checkpoint", "CheckpointDamagedError"),
+    ("gseps_jax.checkpoint", "NonFiniteStateError"),
     ("gseps_jax.trainer", "SetupError"),
     ("gseps_jax.trainer", "NonFiniteLossError"),
     ("gseps_jax.data.prepare", "NotPreparedError"),
