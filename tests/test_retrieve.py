@@ -178,6 +178,34 @@ def test_cli_query_json(trained, capsys):
   assert [h["index"] for h in lib] == [h["index"] for h in out["hits"]]
 
 
+def test_cli_index_of_a_folder_then_query_and_explain(trained, tmp_path, capsys):
+  """`retrieve index` (an image folder), `query --image` and `explain` from their command lines."""
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  for i in range(8):
+    Image.open(io.BytesIO(_test_record(trained, i)["image"])).save(folder / f"p{i}.png")
+  wd = str(trained["workdir"])
+  assert retrieve.main(["index", f"--checkpoint={wd}", f"--images={folder}",
+                        f"--out={tmp_path / 'idx'}"]) == 0
+  index = retrieve.load_index(tmp_path / "idx")
+  assert [m["path"].rsplit("/", 1)[-1] for m in index.meta["images"]] == [
+      f"p{i}.png" for i in range(8)]
+  np.testing.assert_allclose(index.images["ori"], trained["index"].images["ori"][:8], atol=1e-5)
+  capsys.readouterr()
+  # Caption 0 of image 5 finds image 5 among the 8 no worse than the library ranking does.
+  text = _test_record(trained, 5)["captions"][0]
+  assert retrieve.main(["query", f"--index={tmp_path / 'idx'}", f"--text={text}", "--k=8",
+                        "--json"]) == 0
+  hits = json.loads(capsys.readouterr().out)["hits"]
+  lib = retrieve.search_texts(trained["retriever"], index, [text], k=8)[0]
+  assert [h["index"] for h in hits] == [h["index"] for h in lib] and len(hits) == 8
+  assert retrieve.main(["explain", f"--checkpoint={wd}", f"--image={folder / 'p5.png'}",
+                        f"--text={text}", f"--out={tmp_path / 'fig.png'}"]) == 0
+  with Image.open(tmp_path / "fig.png") as im:
+    assert im.format == "PNG" and im.size[0] >= 4 * explain_lib.PANEL_PX
+  assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
 def test_format_hits_table():
   hits = [dict(rank=1, score=0.5, index=3, name="a.png", path=""),
           dict(rank=2, score=-0.25, index=0, name="bb.png", path="")]
