@@ -26,7 +26,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from configs import common, grm_vit, laps_vit, seps_vit
+from configs import common, grm_swin, grm_vit, laps_vit, seps_swin, seps_vit
 from gseps_jax import checkpoint as ckpt_lib
 from gseps_jax import export
 from gseps_jax import optim
@@ -204,6 +204,29 @@ def test_seps_hf_export_scores_match_pytorch(seps, mode):
   assert want.shape == (NI, NI * CPI) and np.ptp(want) > 1e-3
 
 
+@pytest.mark.parametrize("get_config", [grm_swin.get_config, seps_swin.get_config],
+                         ids=["grm_swin", "seps_swin"])
+def test_swin_hf_export_scores_match_pytorch(get_config, tmp_path_factory):
+  """Swin backbones (no CLS; 8x8 tokens after one patch merging) in the exported PyTorch heads."""
+  config = get_config("tiny")
+  ex = Exported(tmp_path_factory, config, seed=7, fmt="hf")
+  assert ex.config.model.vision.model_type == "swin"
+  meta = json.loads((ex.out / "metadata.json").read_text())
+  assert json.loads((ex.out / "vision_encoder" / "config.json").read_text())["model_type"] == "swin"
+  ci = np.arange(NI * CPI) // CPI
+  kw = (dict(chunk=2) if config.model.name == "grm" else
+        dict(chunk=None, dense_mode="honest", caption_image=ci))
+  want = ex.jax_score(**kw)
+  with torch.no_grad():
+    if config.model.name == "grm":
+      got = ex.tmodel.score(ex.timg, ex.ttxt).numpy()
+    else:
+      got = ex.tmodel.score(ex.timg, ex.ttxt, ex.tdense, dense_mode="honest",
+                            caption_image=torch.from_numpy(ci)).numpy()
+  assert want.shape == (NI, NI * CPI) and np.ptp(want) > 1e-3, meta
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
 def test_seps_parity_text_cut_is_exercised(seps):
   """Ignoring the 20-token parity cut changes the scores, so the parity test above checks it."""
   ci = torch.arange(NI * CPI) // CPI
@@ -227,7 +250,8 @@ def test_hf_directories_load_with_transformers(seps):
   for cls, sub, cfg in ((transformers.ViTModel, "vision_encoder", config.model.vision),
                         (transformers.BertModel, "text_encoder", config.model.text)):
     m, info = cls.from_pretrained(out / sub, add_pooling_layer=False, output_loading_info=True)
-    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), \
+        info
     assert m.config.hidden_size == cfg.hidden_size
     assert m.config.num_hidden_layers == cfg.num_hidden_layers
   meta = json.loads((out / "metadata.json").read_text())
