@@ -250,7 +250,8 @@ def test_real_f30k_token_lengths(real_f30k):
   lengths = np.array([min(len(w), 32) for w in want])
   np.testing.assert_array_equal(mask.sum(1), lengths)
   assert (lengths == 32).sum() > 0 and lengths.min() >= 3  # some captions are truncated
-  for k in range(0, 5 * F30K_IMAGES, 7):  # ids identical where not truncated, [SEP] kept when truncated
+  # ids identical where not truncated, [SEP] kept when truncated
+  for k in range(0, 5 * F30K_IMAGES, 7):
     w = want[k]
     if len(w) <= 32:
       assert ids[k, :len(w)].tolist() == w
