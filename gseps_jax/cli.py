@@ -113,6 +113,8 @@ def setup_logging(verbosity: int = -1) -> None:
   for name in OWN_LOGGERS + THIRD_PARTY_LOGGERS:
     logging.getLogger(name).setLevel(level)
   if verbosity < 0:
+    # transformers warns at import that PyTorch is absent (the core install has none).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # orbax and tfds report routine events (async save timings, custom data configurations) as
     # absl WARNINGs: noise for a user; shown again from --verbosity=0.
     logging.getLogger("absl").setLevel(logging.ERROR)

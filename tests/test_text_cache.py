@@ -189,3 +189,16 @@ def test_models_use_text_hidden_in_place_of_the_frozen_tower(name):
     np.testing.assert_allclose(from_cache[level], s, rtol=1e-4, atol=1e-5)
   wrong = fwd(dict(cached, text_hidden=cached["text_hidden"][::-1]))
   assert any(np.abs(wrong[k] - v).max() > 1e-3 for k, v in plain.items())
+
+
+def test_cache_dir_is_local_for_a_bucket_data_dir(monkeypatch, tmp_path):
+  """The cache is memory-mapped: a gs:// data_dir keeps it on local disk (never 'gs:/...')."""
+  import ml_collections
+  from gseps_jax.data import text_cache
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  remote = ml_collections.ConfigDict(dict(data_dir="gs://bucket/tfds", text_cache_dir=""))
+  assert str(text_cache.cache_dir(remote)) == str(tmp_path / "gseps_jax" / "text_features")
+  local = ml_collections.ConfigDict(dict(data_dir=str(tmp_path / "d"), text_cache_dir=""))
+  assert str(text_cache.cache_dir(local)) == str(tmp_path / "d" / "text_features")
+  given = ml_collections.ConfigDict(dict(data_dir="gs://bucket/tfds", text_cache_dir="/x/y"))
+  assert str(text_cache.cache_dir(given)) == "/x/y"

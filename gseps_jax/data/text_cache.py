@@ -123,10 +123,17 @@ def cache_key(*, weights: str, vocab: str, max_len: int, texts: Sequence[str],
 
 
 def cache_dir(data_config) -> epath.Path:
-  """`data.text_cache_dir`, else `<data_dir>/text_features` (a local directory: the file is
-  memory-mapped)."""
+  """`data.text_cache_dir`, else `<data_dir>/text_features`; for a remote data_dir (`gs://`)
+  `$XDG_CACHE_HOME/gseps_jax/text_features` (or ~/.cache/...): the file is memory-mapped, so it
+  must be local."""
   d = data_config.get("text_cache_dir", "") or ""
-  return epath.Path(d) if d else epath.Path(data_config.data_dir) / CACHE_SUBDIR
+  if d:
+    return epath.Path(d)
+  if "://" in str(data_config.data_dir):
+    # local-path-ok: the cache is a local memory-mapped file, the data dir may be a bucket
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return epath.Path(base) / "gseps_jax" / CACHE_SUBDIR
+  return epath.Path(data_config.data_dir) / CACHE_SUBDIR
 
 
 # ---------------------------------------------------------------------------------------------
