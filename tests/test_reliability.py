@@ -244,6 +244,36 @@ def test_digest_sees_any_changed_or_swapped_element(dtype):
   assert ckpt_lib.state_digest({"x": jnp.asarray(y.reshape(x.shape))})[0] != ref
 
 
+def _reference_leaf_digest(x):
+  """The digest formula written with jnp ops over the whole array (how steps saved before the
+  host-side digest were stamped): an independent reference for `state_digest`."""
+  x = jnp.asarray(x)
+  size = jnp.dtype(x.dtype).itemsize
+  if x.dtype == jnp.bool_:
+    w = x.astype(jnp.uint32)
+  elif size == 4:
+    w = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    w = jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+  idx = jnp.arange(w.size, dtype=jnp.uint32).reshape(w.shape)
+  w1 = idx * jnp.uint32(2) + jnp.uint32(1)
+  w2 = (idx * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)
+  rot = (w << jnp.uint32(13)) | (w >> jnp.uint32(19))
+  d = jax.device_get(jnp.stack([jnp.sum(w * w1, dtype=jnp.uint32),
+                                jnp.sum(rot * w2, dtype=jnp.uint32)]))
+  return "%08x%08x" % (int(d[0]), int(d[1]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32", "int8", "bool"])
+def test_digest_matches_the_whole_array_formula(dtype):
+  x = np.random.default_rng(2).normal(size=(5, 3, 11)) * 40
+  x = jnp.asarray(x > 0 if dtype == "bool" else x).astype(dtype)
+  got, bad = ckpt_lib.state_digest({"a": {"x": x}, "s": jnp.asarray(3, dtype)})
+  assert got == {"['a']['x']": _reference_leaf_digest(x),
+                 "['s']": _reference_leaf_digest(jnp.asarray(3, dtype))}
+  assert bad == []
+
+
 _SHARDED_SCRIPT = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
