@@ -129,6 +129,9 @@ def base_config():
       (r".*(kernel|embedding)$", ("fsdp", None)),
   )
   c.fsdp_min_size = 2 ** 16  # params smaller than this are replicated
+  # True: XLA's backend (LLVM) optimisation level 0 for the training and evaluation programs
+  # (CPU/GPU): ~30% less compile time, ~2x slower steps. For smoke runs (`:tiny` sets it).
+  c.fast_compile = False
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
@@ -189,6 +192,7 @@ _RULES = (
     ("optim.grad_accum", lambda v: _is_int(v) and v > 0, _POSITIVE + " (steps per update)"),
     ("optim.schedule", lambda v: v in ("step", "cosine"), "one of ('step', 'cosine')"),
     ("optim.min_lr_ratio", lambda v: _is_num(v) and 0 <= v <= 1, "a fraction of lr in [0, 1]"),
+    ("fast_compile", lambda v: isinstance(v, bool), "True or False"),
     ("loss.kind", lambda v: v in LOSS_KINDS, f"one of {LOSS_KINDS}"),
     ("loss.margin", lambda v: _is_num(v) and v >= 0, "a margin >= 0"),
     ("loss.init_temperature", lambda v: _is_num(v) and v > 0, "a temperature > 0"),
@@ -257,6 +261,7 @@ def use_tiny(c):
   c.train.eval_every = 0
   c.eval.batch_size = 8
   c.eval.chunk = 8
+  c.fast_compile = True  # a 2-step run is all compilation
 
 
 def use_demo(c, image_size=32):

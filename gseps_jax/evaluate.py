@@ -111,8 +111,11 @@ class Evaluator:
     self.text_cache = text_cache.for_split(config, self.source, split, tok=self.tok)
     self.dense_cache = (text_cache.for_split(config, self.source, split, kind="dense",
                                              tok=self.tok) if self.uses_dense else None)
-    self._encode_img = jax.jit(functools.partial(model.apply, method="encode_images"))
-    self._encode_txt = jax.jit(functools.partial(model.apply, method="encode_texts"))
+    opts = sharding.compiler_options(config)
+    self._encode_img = jax.jit(functools.partial(model.apply, method="encode_images"),
+                               compiler_options=opts)
+    self._encode_txt = jax.jit(functools.partial(model.apply, method="encode_texts"),
+                               compiler_options=opts)
     self._scorers = {}  # dense_mode -> jitted scorer
 
   # -- encoding -------------------------------------------------------------------------------
@@ -166,7 +169,7 @@ class Evaluator:
                     out_specs=rows, check_vma=False)
       return f(params, img, txt, dense, caption_image)
 
-    return jax.jit(scorer)
+    return jax.jit(scorer, compiler_options=sharding.compiler_options(self.config))
 
   def scores(self, params, feats=None, *, dense_mode=None) -> jax.Array:
     """[n_images, n_captions] scores as a jax.Array whose rows are sharded over the mesh

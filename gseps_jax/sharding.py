@@ -19,6 +19,14 @@ AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
 
+def compiler_options(config) -> dict | None:
+  """XLA options for the programs `config` compiles (`jax.jit(..., compiler_options=)`):
+  `config.fast_compile` lowers the backend's optimisation level (compile time over run time)."""
+  if config.get("fast_compile", False):
+    return {"xla_backend_optimization_level": 0}
+  return None
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the (data, fsdp) mesh. `-1` in one axis takes all remaining devices."""
   devices = list(jax.devices() if devices is None else devices)

@@ -79,7 +79,7 @@ def jit_train_step(config, model, tx, mesh, state_shardings, steps_per_epoch):
                         steps_per_epoch=steps_per_epoch),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=sharding.compiler_options(config))
 
 
 def _abstract_and_shardings(init_fn, mesh, config):
@@ -98,7 +98,8 @@ def create_train_state(config, model, tx, sample_batch, mesh, rng, pretrained=No
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   abstract, shardings = _abstract_and_shardings(init, mesh, config)
-  state = jax.jit(init, out_shardings=shardings)()
+  state = jax.jit(init, out_shardings=shardings,
+                  compiler_options=sharding.compiler_options(config))()
   if pretrained:
     params = dict(state.params)
     for name, tree in pretrained.items():
