@@ -13,7 +13,6 @@
 import argparse
 import functools
 import json
-import math
 import sys
 import types
 
@@ -26,7 +25,8 @@ import safetensors.torch
 import torch
 import transformers
 
-from configs import common, grm_swin, grm_vit, laps_vit, seps_swin, seps_vit
+import tiny
+from configs import grm_swin, grm_vit, laps_vit, seps_swin, seps_vit
 from gseps_jax import checkpoint as ckpt_lib
 from gseps_jax import export
 from gseps_jax import optim
@@ -87,20 +87,7 @@ def make_checkpoint(workdir, config, seed, steps=2):
 def make_inputs(config, seed):
   """Images [NI, H, W, 3], captions [NI*CPI, L] with varied lengths, dense captions [NI, Ld]
   (some longer than SEPS's tiny eval_text_cut of 20, so the parity cut matters)."""
-  rng = np.random.default_rng(seed)
-  size = config.data.image_size
-  images = rng.normal(size=(NI, size, size, 3)).astype(np.float32)
-
-  def texts(n, max_len, lengths):
-    ids = rng.integers(1000, 30000, size=(n, max_len)).astype(np.int32)
-    mask = (np.arange(max_len)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
-    ids[:, 0] = 101
-    ids[np.arange(n), np.asarray(lengths) - 1] = 102
-    return np.where(mask > 0, ids, 0).astype(np.int32), mask
-
-  cap = texts(NI * CPI, config.data.max_len, [5, 16, 9, 3, 12, 7][:NI * CPI])
-  dense = texts(NI, config.data.dense_max_len, [24, 14, 22][:NI])
-  return images, cap, dense
+  return tiny.random_inputs(config, seed, NI, [5, 16, 9, 3, 12, 7][:NI * CPI], [24, 14, 22][:NI])
 
 
 def load_torch_module(export_dir):

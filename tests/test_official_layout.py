@@ -102,19 +102,7 @@ class OfficialReference:
 
 
 def _inputs(config, seed):
-  rng = np.random.default_rng(seed)
-  size = config.data.image_size
-  images = rng.normal(size=(NI, size, size, 3)).astype(np.float32)
-
-  def texts(n, max_len, lengths):
-    ids = rng.integers(1000, 30000, size=(n, max_len)).astype(np.int32)
-    mask = (np.arange(max_len)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
-    ids[:, 0] = 101
-    ids[np.arange(n), np.asarray(lengths) - 1] = 102
-    return np.where(mask > 0, ids, 0).astype(np.int32), mask
-
-  return images, texts(NI * CPI, config.data.max_len, [5, 16, 9, 3, 12, 7]), texts(
-      NI, config.data.dense_max_len, [19, 11, 20])
+  return tiny.random_inputs(config, seed, NI, [5, 16, 9, 3, 12, 7], [19, 11, 20])
 
 
 def _our_scores(config, params, inputs):
