@@ -239,16 +239,7 @@ class Evaluator:
     sims = self.scores(params, feats)
     sims.block_until_ready()
     t2 = time.time()
-    cpi = self.captions_per_image
-    out = {}
-    if self.protocol in ("flickr1k", "coco5k", "full"):
-      out = metrics_lib.retrieval_metrics(sims, cpi)
-    elif self.protocol == "coco1k":
-      out = metrics_lib.coco_1k_folds(sims, cpi)
-    else:  # all
-      out = {f"5k_{k}": v for k, v in metrics_lib.retrieval_metrics(sims, cpi).items()}
-      out.update(metrics_lib.coco_1k_folds(sims, cpi))
-    out = {k: float(v) for k, v in out.items()}
+    out = self._metrics(sims)
     out.update(keep_ratios(feats[0], feats[1]))
     out.update(encode_seconds=t1 - t0, score_seconds=t2 - t1, num_images=self.num_images,
                num_captions=self.num_captions)
