@@ -84,6 +84,20 @@ def check_out_not_source(out, *sources) -> None:
 
 
 @contextlib.contextmanager
+def _removed_on_error(tmp: epath.Path):
+  """Removes the temporary file or directory `tmp` if the block raises, then re-raises: the
+  block's error is the one reported (the cleanup is best effort)."""
+  try:
+    yield
+  except BaseException:
+    try:
+      tmp.rmtree(missing_ok=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    except OSError:
+      pass
+    raise
+
+
+@contextlib.contextmanager
 def atomic_dir(out, overwrite: bool = False):
   """Yields a fresh temporary directory (epath.Path) beside `out`; renames it to `out` on success.
 
@@ -97,7 +111,7 @@ def atomic_dir(out, overwrite: bool = False):
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
   tmp.mkdir()
-  try:
+  with _removed_on_error(tmp):
     yield tmp
     if out.exists():
       old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -106,12 +120,6 @@ def atomic_dir(out, overwrite: bool = False):
       old.rmtree() if old.is_dir() else old.unlink()
     else:
       tmp.rename(out)
-  except BaseException:
-    try:
-      tmp.rmtree(missing_ok=True)
-    except OSError:  # cleanup is best effort; the original error is the one to report
-      pass
-    raise
 
 
 def atomic_write_text(path, text: str) -> epath.Path:
@@ -124,7 +132,7 @@ def atomic_write_text(path, text: str) -> epath.Path:
   """
   path = absolute(path)
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
+  with _removed_on_error(tmp):
     if is_remote(path):
       tmp.write_text(text)
       tmp.replace(path)
@@ -134,10 +142,4 @@ def atomic_write_text(path, text: str) -> epath.Path:
         f.flush()
         os.fsync(f.fileno())
       os.replace(tmp, path)  # local-path-ok: local branch (atomic on POSIX)
-  except BaseException:
-    try:
-      tmp.unlink(missing_ok=True)
-    except OSError:  # cleanup is best effort; the original error is the one to report
-      pass
-    raise
   return path
