@@ -7,7 +7,6 @@ slice of every global batch, and orbax checkpoints (async; on preemption signals
 a restarted command continue exactly where the last checkpoint left off, including the data order.
 """
 
-import dataclasses
 import functools
 import json
 import logging

@@ -124,7 +124,7 @@ def test_vocabulary_is_whole_words():
 
 def test_prepare_cli_idempotent(built, capsys):
   cfg, builder = built
-  args = [f"--dataset=synthetic_regions", f"--data_dir={cfg['data_dir']}"] + [
+  args = ["--dataset=synthetic_regions", f"--data_dir={cfg['data_dir']}"] + [
       f"--{k}={v}" for k, v in SIZES.items()]
   assert prepare.main(args) == 0
   assert "already prepared" in capsys.readouterr().out

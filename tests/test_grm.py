@@ -11,6 +11,8 @@ import optax
 import pytest
 from scipy.special import erf
 
+import tiny
+
 from configs import grm_swin, grm_vit
 from gseps_jax import losses
 from gseps_jax.models import encoders
@@ -397,12 +399,7 @@ def test_checkpoint_restores_under_other_level_weights_but_not_other_regions(tmp
   """Level weights (and the other scoring/loss-only fields) are not in the fingerprint."""
   from gseps_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   trained = grm_vit.get_config("tiny")
-  ck = ckpt_lib.Checkpointer(tmp_path, best_metric=None, async_save=False)
-  tree = {"w": jnp.zeros(2)}
-  ck.save(1, tree, {"fingerprint": ckpt_lib.fingerprint(trained)})
-  ck.wait()
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=x.sharding), tree)
+  ck, abstract = tiny.fingerprinted_checkpoint(tmp_path, trained)
   rescore = grm_vit.get_config("tiny")
   rescore.model.grm.level_weights = dict(ori=1.0, key=0.0, unc=0.0)
   rescore.model.grm.eval_buckets = 1

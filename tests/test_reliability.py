@@ -79,9 +79,7 @@ def _tmp_leftovers(workdir):
   return [p for p in workdir.rglob("*") if ".tmp" in p.name]
 
 
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)
+_abstract = tiny.abstract
 
 
 def _warnings(caplog):

@@ -8,7 +8,6 @@ unchanged from ../shared/data/f30k/f30k_test.jsonl (lines 1, 31, 425, 581, 893: 
 """
 
 import json
-import math
 import pathlib
 
 import jax

@@ -9,7 +9,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import _grad_worker
@@ -125,8 +124,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, caplog):
     if f.is_file() and not f.name.startswith("_"):
       f.unlink()
   ck2 = ckpt_lib.Checkpointer(tmp_path, read_only=True, best_metric=None)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=x.sharding), tree)
+  abstract = tiny.abstract(tree)
   with caplog.at_level("WARNING"):
     state, meta = ck2.restore(abstract)
   assert meta["step"] == 1
@@ -136,12 +134,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, caplog):
 
 def test_checkpoint_from_another_model_is_refused(tmp_path):
   grm_cfg, seps_cfg = tiny.tiny_config("grm"), tiny.tiny_config("seps")
-  ck = ckpt_lib.Checkpointer(tmp_path, best_metric=None, async_save=False)
-  tree = {"w": jnp.zeros(2)}
-  ck.save(1, tree, {"fingerprint": ckpt_lib.fingerprint(grm_cfg)})
-  ck.wait()
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=x.sharding), tree)
+  ck, abstract = tiny.fingerprinted_checkpoint(tmp_path, grm_cfg)
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="model.name"):
     ck.restore(abstract, seps_cfg)
   assert ck.restore(abstract, grm_cfg)[1]["step"] == 1

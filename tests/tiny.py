@@ -113,3 +113,43 @@ def random_checkpoint(workdir, config, seed: int = 0, step: int = 2):
   finally:
     ckpt.close()
   return params
+
+
+def random_inputs(config, seed, num_images, caption_lengths, dense_lengths):
+  """Random model inputs in the shapes `config` expects: images [num_images, H, W, 3], captions
+  ([n, max_len] ids, mask) with the given lengths, dense captions ([num_images, dense_max_len]
+  ids, mask) with theirs. Each text starts with [CLS] (101) and ends with [SEP] (102)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  size = config.data.image_size
+  images = rng.normal(size=(num_images, size, size, 3)).astype(np.float32)
+
+  def texts(max_len, lengths):
+    n = len(lengths)
+    ids = rng.integers(1000, 30000, size=(n, max_len)).astype(np.int32)
+    mask = (np.arange(max_len)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    ids[:, 0] = 101
+    ids[np.arange(n), np.asarray(lengths) - 1] = 102
+    return np.where(mask > 0, ids, 0).astype(np.int32), mask
+
+  return (images, texts(config.data.max_len, caption_lengths),
+          texts(config.data.dense_max_len, dense_lengths))
+
+
+def abstract(tree):
+  """jax.ShapeDtypeStruct (with sharding) of every array in `tree`: a restore target."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def fingerprinted_checkpoint(workdir, config, step: int = 1):
+  """A one-leaf checkpoint ({"w": zeros(2)}) at `step` whose meta holds `config`'s model
+  fingerprint, saved synchronously: enough to test which configs may restore it. Returns (the
+  Checkpointer, the restore target)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from gseps_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  ck = ckpt_lib.Checkpointer(workdir, best_metric=None, async_save=False)
+  tree = {"w": jnp.zeros(2)}
+  ck.save(step, tree, {"fingerprint": ckpt_lib.fingerprint(config)})
+  ck.wait()
+  return ck, abstract(tree)

@@ -38,7 +38,7 @@ weights remove components for benchmarks/grm_ablation.py; a level of weight 0 is
 """
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
