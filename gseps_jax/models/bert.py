@@ -131,7 +131,10 @@ class _DenseLayerNorm(nn.Module):
 
 
 class BertLayer(nn.Module):
-  """One post-LayerNorm BERT block: `[B, L, D] -> [B, L, D]`."""
+  """One post-LayerNorm BERT block: `[B, L, D] -> [B, L, D]`.
+
+  `train` is positional (not keyword-only) so that `layers.remat_block` can keep it static.
+  """
   num_attention_heads: int
   intermediate_size: int
   hidden_act: str
@@ -141,7 +144,7 @@ class BertLayer(nn.Module):
   dtype: Dtype
 
   @nn.compact
-  def __call__(self, x, mask, *, train):
+  def __call__(self, x, mask, train: bool = False):
     d = x.shape[-1]
     h = _BertAttention(self.num_attention_heads, self.layer_norm_eps, self.hidden_dropout_prob,
                        self.attention_probs_dropout_prob, self.dtype, name="attention")(
@@ -205,12 +208,12 @@ class _BertEmbeddings(nn.Module):
 class _BertEncoder(nn.Module):
   """The stack of `layer_{i}` blocks (HF `encoder.layer.{i}`)."""
   num_hidden_layers: int
-  layer: Callable[..., BertLayer]  # BertLayer with everything but `name` bound
+  layer: Callable[..., BertLayer]  # BertLayer (maybe rematerialised) with all but `name` bound
 
   @nn.compact
   def __call__(self, x, mask, *, train):
     for i in range(self.num_hidden_layers):
-      x = self.layer(name=f"layer_{i}")(x, mask, train=train)
+      x = self.layer(name=f"layer_{i}")(x, mask, train)  # positional: static under remat
     return x
 
 
@@ -218,7 +221,9 @@ class Bert(nn.Module):
   """BERT encoder returning every token (HF `BertModel(...).last_hidden_state`; no pooler).
 
   Attributes mirror HF `BertConfig` keys; `dtype` is the compute dtype (params stay float32).
-  Absolute position embeddings only (HF 5.x has no other kind).
+  Absolute position embeddings only (HF 5.x has no other kind). `remat` ("none" | "blocks" |
+  "dots", `layers.REMAT_POLICIES`) rematerialises each `encoder/layer_{i}` in the backward pass;
+  the parameters are the same.
   """
   vocab_size: int = 30522
   hidden_size: int = 768
@@ -232,9 +237,11 @@ class Bert(nn.Module):
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @classmethod
-  def from_config(cls, cfg: Mapping[str, Any], dtype: Dtype = jnp.float32) -> "Bert":
+  def from_config(cls, cfg: Mapping[str, Any], dtype: Dtype = jnp.float32,
+                  remat: str = "none") -> "Bert":
     """Builds from HF `config.json` keys (missing keys take HF `BertConfig` defaults)."""
     pos_type = cfg.get("position_embedding_type", "absolute")
     if pos_type != "absolute":
@@ -242,7 +249,7 @@ class Bert(nn.Module):
     fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
               "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size",
               "layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob")
-    return cls(**{k: cfg[k] for k in fields if k in cfg}, dtype=dtype)
+    return cls(**{k: cfg[k] for k in fields if k in cfg}, dtype=dtype, remat=remat)
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -273,7 +280,8 @@ class Bert(nn.Module):
                         self.type_vocab_size, self.layer_norm_eps, self.hidden_dropout_prob,
                         self.dtype, name="embeddings")(input_ids, token_type_ids, train=train)
     layer = functools.partial(
-        BertLayer, num_attention_heads=self.num_attention_heads,
+        layers.remat_block(BertLayer, self.remat, static_argnums=(3,)),
+        num_attention_heads=self.num_attention_heads,
         intermediate_size=self.intermediate_size, hidden_act=self.hidden_act,
         layer_norm_eps=self.layer_norm_eps, hidden_dropout_prob=self.hidden_dropout_prob,
         attention_probs_dropout_prob=self.attention_probs_dropout_prob, dtype=self.dtype)

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from gseps_jax.models.bert import Bert
+from gseps_jax.models.layers import REMAT_POLICIES
 from gseps_jax.models.swin import Swin, swin_output_grid
 from gseps_jax.models.vit import ViT, pair
 
@@ -31,14 +32,19 @@ def model_type(cfg: Mapping[str, Any]) -> str:
   return mt
 
 
-def encoder_from_config(cfg: Mapping[str, Any], dtype: Any = jnp.float32) -> nn.Module:
+def encoder_from_config(cfg: Mapping[str, Any], dtype: Any = jnp.float32,
+                        remat: str = "none") -> nn.Module:
   """Builds `ViT` / `Swin` / `Bert` from HF config keys; `dtype` = compute dtype (str or dtype).
 
   Keys the module does not use (HF configs carry many) are ignored; missing keys take the HF
-  defaults of that model's config class.
+  defaults of that model's config class. `remat` (`config.model.remat`: "none" | "blocks" |
+  "dots") rematerialises the transformer blocks in the backward pass (`layers.remat_block`); it
+  is not an HF key and does not change the parameters.
   """
   cfg = config_dict(cfg)
-  return ENCODERS[model_type(cfg)].from_config(cfg, dtype=jnp.dtype(dtype))
+  if remat != "none" and remat not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat {remat!r}; supported: {('none', *REMAT_POLICIES)}.")
+  return ENCODERS[model_type(cfg)].from_config(cfg, dtype=jnp.dtype(dtype), remat=remat)
 
 
 def encoder_width(cfg: Mapping[str, Any]) -> int:

@@ -318,8 +318,9 @@ class GRM(nn.Module):
   def setup(self):
     c, g = self.config, self.config.grm
     dtype = jnp.dtype(c.dtype)
-    self.vision_encoder = encoders.encoder_from_config(c.vision, dtype)
-    self.text_encoder = encoders.encoder_from_config(c.text, dtype)
+    remat = c.get("remat", "none")  # older saved configs have no model.remat
+    self.vision_encoder = encoders.encoder_from_config(c.vision, dtype, remat)
+    self.text_encoder = encoders.encoder_from_config(c.text, dtype, remat)
     self.vision_proj = nn.Dense(c.embed_dim, dtype=dtype)
     self.text_proj = nn.Dense(c.embed_dim, dtype=dtype)
     self.sa = SaliencyAdapter(tau=g.tau, hard=g.hard, dtype=dtype)

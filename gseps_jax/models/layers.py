@@ -1,4 +1,5 @@
-"""Elementwise building blocks shared by every model: exact GELU and a fast dropout.
+"""Elementwise building blocks shared by every model: exact GELU and a fast dropout; and the
+rematerialisation (gradient checkpointing) wrapper of the encoder blocks (`remat_block`).
 
 Both are speed choices measured on the CPU train step (docs/performance.md, "Train step"):
 
@@ -85,3 +86,38 @@ class Dropout(nn.Module):
       return x
     return dropout(x, self.rate, self.make_rng("dropout"))
 
+
+# `config.model.remat` -> what a rematerialised block keeps for the backward pass (configs/common.py
+# REMAT_MODES holds the same names, checked without importing JAX; tests/test_remat.py checks they
+# agree). "blocks": only the block's inputs, everything inside is recomputed; "dots": the matmul
+# outputs too (no batch dimensions: the dense layers, not the attention einsums), the rest
+# (LayerNorm, GELU, softmax, dropout masks) is recomputed.
+REMAT_POLICIES = {
+    "blocks": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_block(block: type[nn.Module], remat: str, static_argnums: tuple[int, ...]
+                ) -> type[nn.Module]:
+  """`block` (a Module class) wrapped in `nn.remat` with the policy of `remat`; "none" -> as is.
+
+  The wrapped class takes the same attributes and creates the same parameter tree (same names),
+  so checkpoints and HF imports do not depend on the setting.
+
+  Args:
+    block: the transformer block class (ViTLayer, BertLayer, SwinLayer).
+    remat: "none" | "blocks" | "dots" (`REMAT_POLICIES`).
+    static_argnums: positions of the `__call__` arguments that are Python values (`train`, Swin's
+      `(h, w)`), counting `self` as 0. They must be passed positionally: `nn.remat` traces keyword
+      arguments as arrays.
+
+  Raises:
+    ValueError: unknown `remat`.
+  """
+  if remat == "none":
+    return block
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat {remat!r}; supported: {('none', *REMAT_POLICIES)}.")
+  return nn.remat(block, policy=REMAT_POLICIES[remat], static_argnums=static_argnums,
+                  prevent_cse=True)

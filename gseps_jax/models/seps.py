@@ -556,6 +556,7 @@ class SEPS(nn.Module):
     freeze_text: stop gradients at the text encoder's output.
     train_chunk: pair tile for the in-batch [B, B] scores (None = one tile).
     dtype: encoder compute dtype; the head always computes in float32.
+    remat: rematerialisation of the encoder blocks, "none" | "blocks" | "dots" (`model.remat`).
   """
   vision: Mapping[str, Any]
   text: Mapping[str, Any]
@@ -574,6 +575,7 @@ class SEPS(nn.Module):
   freeze_text: bool = False
   train_chunk: Optional[int] = None
   dtype: str = "float32"
+  remat: str = "none"
 
   @classmethod
   def from_config(cls, model_cfg) -> "SEPS":
@@ -588,11 +590,12 @@ class SEPS(nn.Module):
                selection=sc.selection, st_temperature=sc.st_temperature,
                precision=sc.precision, eval_text_cut=sc.eval_text_cut,
                ratio_weight=sc.ratio_weight, freeze_text=model_cfg.get("freeze_text", False),
-               train_chunk=sc.train_chunk or None, dtype=model_cfg.dtype)
+               train_chunk=sc.train_chunk or None, dtype=model_cfg.dtype,
+               remat=model_cfg.get("remat", "none"))  # older saved configs have none
 
   def setup(self):
-    self.vision_encoder = encoders.encoder_from_config(self.vision, self.dtype)
-    self.text_encoder = encoders.encoder_from_config(self.text, self.dtype)
+    self.vision_encoder = encoders.encoder_from_config(self.vision, self.dtype, self.remat)
+    self.text_encoder = encoders.encoder_from_config(self.text, self.dtype, self.remat)
     proj = lambda width, name: (None if width == self.embed_dim else nn.Dense(
         self.embed_dim, precision=lax.Precision.HIGHEST, name=name))
     self.vision_proj = proj(encoders.encoder_width(self.vision), "vision_proj")

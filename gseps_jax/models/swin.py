@@ -115,7 +115,8 @@ class _SwinAttention(nn.Module):
 class SwinLayer(nn.Module):
   """One Swin block (window or shifted-window attention + MLP) on an `h x w` map.
 
-  `[B, h*w, C] -> [B, h*w, C]`; `shift_size` 0 = plain windows.
+  `[B, h*w, C] -> [B, h*w, C]`; `shift_size` 0 = plain windows. `hw` and `train` are positional
+  (not keyword-only) so that `layers.remat_block` can keep them static.
   """
   num_heads: int
   window_size: int
@@ -130,7 +131,7 @@ class SwinLayer(nn.Module):
   dtype: Dtype
 
   @nn.compact
-  def __call__(self, x, hw: tuple[int, int], *, train):
+  def __call__(self, x, hw: tuple[int, int], train: bool = False):
     h, w = hw
     b, _, c = x.shape
     window, shift = self.window_size, self.shift_size
@@ -198,7 +199,8 @@ class _SwinStage(nn.Module):
   window_size: int
   drop_path: tuple[float, ...]
   downsample: bool
-  block: Callable[..., SwinLayer]  # SwinLayer with the settings shared by all stages bound
+  # SwinLayer (maybe rematerialised) with the settings shared by all stages bound.
+  block: Callable[..., SwinLayer]
   dtype: Dtype
 
   @nn.compact
@@ -206,7 +208,8 @@ class _SwinStage(nn.Module):
     for j in range(self.depth):
       shift = 0 if j % 2 == 0 else self.window_size // 2
       x = self.block(num_heads=self.num_heads, window_size=self.window_size, shift_size=shift,
-                     drop_path=self.drop_path[j], name=f"blocks_{j}")(x, hw, train=train)
+                     drop_path=self.drop_path[j], name=f"blocks_{j}")(
+                         x, hw, train)  # positional: static under remat
     if self.downsample:
       x = _PatchMerging(self.dtype, name="downsample")(x, hw)
       hw = ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
@@ -267,6 +270,8 @@ class Swin(nn.Module):
   """Swin returning the final-stage tokens after the final LayerNorm (HF `SwinModel`, no pooler).
 
   Attributes mirror HF `SwinConfig` keys; `dtype` is the compute dtype (params stay float32).
+  `remat` ("none" | "blocks" | "dots", `layers.REMAT_POLICIES`) rematerialises each
+  `encoder/layers_{i}/blocks_{j}` in the backward pass; the parameters are the same.
   """
   embed_dim: int = 96
   depths: tuple[int, ...] = (2, 2, 6, 2)
@@ -284,9 +289,11 @@ class Swin(nn.Module):
   attention_probs_dropout_prob: float = 0.0
   drop_path_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @classmethod
-  def from_config(cls, cfg: Mapping[str, Any], dtype: Dtype = jnp.float32) -> "Swin":
+  def from_config(cls, cfg: Mapping[str, Any], dtype: Dtype = jnp.float32,
+                  remat: str = "none") -> "Swin":
     """Builds from HF `config.json` keys (missing keys take HF `SwinConfig` defaults)."""
     fields = ("embed_dim", "window_size", "num_channels", "mlp_ratio", "qkv_bias", "hidden_act",
               "layer_norm_eps", "use_absolute_embeddings", "hidden_dropout_prob",
@@ -296,7 +303,7 @@ class Swin(nn.Module):
       if k in cfg:
         kw[k] = tuple(int(v) for v in cfg[k])
     return cls(**kw, image_size=pair(cfg.get("image_size", 224)),
-               patch_size=pair(cfg.get("patch_size", 4)), dtype=dtype)
+               patch_size=pair(cfg.get("patch_size", 4)), dtype=dtype, remat=remat)
 
   @property
   def num_features(self) -> int:
@@ -324,7 +331,7 @@ class Swin(nn.Module):
                             self.use_absolute_embeddings, self.hidden_dropout_prob, self.dtype,
                             name="embeddings")(pixel_values, train=train)
     block = functools.partial(
-        SwinLayer, mlp_ratio=self.mlp_ratio,
+        layers.remat_block(SwinLayer, self.remat, static_argnums=(2, 3)), mlp_ratio=self.mlp_ratio,
         hidden_act=self.hidden_act, layer_norm_eps=self.layer_norm_eps, qkv_bias=self.qkv_bias,
         hidden_dropout_prob=self.hidden_dropout_prob,
         attention_probs_dropout_prob=self.attention_probs_dropout_prob, dtype=self.dtype)

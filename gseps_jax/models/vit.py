@@ -142,7 +142,10 @@ class _ViTAttention(nn.Module):
 
 
 class ViTLayer(nn.Module):
-  """One pre-LayerNorm ViT block: `[B, L, D] -> [B, L, D]`."""
+  """One pre-LayerNorm ViT block: `[B, L, D] -> [B, L, D]`.
+
+  `train` is positional (not keyword-only) so that `layers.remat_block` can keep it static.
+  """
   num_attention_heads: int
   intermediate_size: int
   hidden_act: str
@@ -153,7 +156,7 @@ class ViTLayer(nn.Module):
   dtype: Dtype
 
   @nn.compact
-  def __call__(self, x, *, train):
+  def __call__(self, x, train: bool = False):
     d = x.shape[-1]
     h = layer_norm(self.layer_norm_eps, "layernorm_before", self.dtype)(x)
     x = x + _ViTAttention(self.num_attention_heads, self.qkv_bias, self.hidden_dropout_prob,
@@ -167,12 +170,12 @@ class ViTLayer(nn.Module):
 class _ViTEncoder(nn.Module):
   """The stack of `layer_{i}` blocks (HF `encoder.layer.{i}`)."""
   num_hidden_layers: int
-  layer: Callable[..., ViTLayer]  # ViTLayer with everything but `name` bound
+  layer: Callable[..., ViTLayer]  # ViTLayer (maybe rematerialised) with all but `name` bound
 
   @nn.compact
   def __call__(self, x, *, train):
     for i in range(self.num_hidden_layers):
-      x = self.layer(name=f"layer_{i}")(x, train=train)
+      x = self.layer(name=f"layer_{i}")(x, train)  # positional: static under remat
     return x
 
 
@@ -181,7 +184,8 @@ class ViT(nn.Module):
 
   Attributes mirror HF `ViTConfig` keys; `image_size` is the pretraining size (it fixes the
   position-embedding grid), inputs of any size are accepted. `dtype` is the compute dtype
-  (params stay float32).
+  (params stay float32). `remat` ("none" | "blocks" | "dots", `layers.REMAT_POLICIES`)
+  rematerialises each `encoder/layer_{i}` in the backward pass; the parameters are the same.
   """
   hidden_size: int = 768
   num_hidden_layers: int = 12
@@ -196,16 +200,18 @@ class ViT(nn.Module):
   hidden_dropout_prob: float = 0.0
   attention_probs_dropout_prob: float = 0.0
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @classmethod
-  def from_config(cls, cfg: Mapping[str, Any], dtype: Dtype = jnp.float32) -> "ViT":
+  def from_config(cls, cfg: Mapping[str, Any], dtype: Dtype = jnp.float32,
+                  remat: str = "none") -> "ViT":
     """Builds from HF `config.json` keys (missing keys take HF `ViTConfig` defaults)."""
     fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "hidden_act", "layer_norm_eps", "num_channels", "qkv_bias", "hidden_dropout_prob",
               "attention_probs_dropout_prob")
     kw = {k: cfg[k] for k in fields if k in cfg}
     return cls(**kw, image_size=pair(cfg.get("image_size", 224)),
-               patch_size=pair(cfg.get("patch_size", 16)), dtype=dtype)
+               patch_size=pair(cfg.get("patch_size", 16)), dtype=dtype, remat=remat)
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array, *, train: bool = False) -> jax.Array:
@@ -229,7 +235,8 @@ class ViT(nn.Module):
                        self.hidden_dropout_prob, self.dtype, name="embeddings")(
                            pixel_values, train=train)
     layer = functools.partial(
-        ViTLayer, num_attention_heads=self.num_attention_heads,
+        layers.remat_block(ViTLayer, self.remat, static_argnums=(2,)),
+        num_attention_heads=self.num_attention_heads,
         intermediate_size=self.intermediate_size, hidden_act=self.hidden_act,
         layer_norm_eps=self.layer_norm_eps, qkv_bias=self.qkv_bias,
         hidden_dropout_prob=self.hidden_dropout_prob,
