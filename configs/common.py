@@ -114,6 +114,10 @@ def base_config():
   c.train.batch_size = 128
   c.train.num_epochs = 30
   c.train.max_steps = -1  # > 0 caps the run (demo/tests)
+  # > 1: contrastive gradient caching; the encoders run in this many chunks of the batch while
+  # the loss still scores all B x B pairs (trainer.cached_value_and_grad). batch_size must be
+  # divisible by encoder_chunk x the device count.
+  c.train.encoder_chunk = 0
   c.train.max_minutes = -1.0  # > 0 stops (with a checkpoint) after this wall-clock budget
   c.train.log_every = 50
   c.train.eval_every = -1  # steps; -1 = once per epoch; 0 = never (only the final evaluation)
@@ -204,6 +208,8 @@ _RULES = (
     ("loss.init_temperature", lambda v: _is_num(v) and v > 0, "a temperature > 0"),
     ("train.batch_size", lambda v: _is_int(v) and v > 0, _POSITIVE + " (examples per step)"),
     ("train.num_epochs", lambda v: _is_int(v) and v > 0, _POSITIVE),
+    ("train.encoder_chunk", lambda v: _is_int(v) and v >= 0,
+     "an integer >= 0 (0 or 1 = off; K > 1 = encoders in K chunks)"),
     ("train.max_steps", lambda v: _is_int(v) and (v > 0 or v == -1),
      "a positive step count, or -1 for no cap"),
     ("train.log_every", lambda v: _is_int(v) and v > 0, _POSITIVE + " (steps)"),
@@ -247,6 +253,11 @@ def validate(c) -> None:
     if not good:
       raise ConfigError(f"config.{dotted} = {node!r} is invalid: expected {expected} "
                         f"(--config.{dotted}=...).")
+  train = c.get("train", None) or {}
+  k = train.get("encoder_chunk", 0)
+  if k > 1 and train.get("batch_size", 0) % k:
+    raise ConfigError(f"config.train.encoder_chunk = {k} is invalid: expected a divisor of "
+                      f"train.batch_size = {train['batch_size']} (--config.train.encoder_chunk=...).")
 
 
 def use_tiny(c):

@@ -47,6 +47,10 @@ def loss_fn(params, batch, rng, step, *, model, config, steps_per_epoch):
   """Scalar loss and metrics for one batch (pure; `step` is a traced int)."""
   rngs = dict(zip(("dropout", "gumbel", "noise"), jax.random.split(rng, 3)))
   sims, aux = model.apply({"params": params}, batch, train=True, rngs=rngs)
+  return _total_loss(sims, aux, batch, step, params, config, steps_per_epoch)
+
+
+def _total_loss(sims, aux, batch, step, params, config, steps_per_epoch):
   epoch_f = step / steps_per_epoch
   warmup = epoch_f < config.loss.warmup_epochs
   # Official recipe: during the warm-up epoch the all-negative loss of batch i is scaled by
@@ -56,12 +60,79 @@ def loss_fn(params, batch, rng, step, *, model, config, steps_per_epoch):
                            warmup_scale=warmup_scale)
 
 
-def train_step(state: TrainState, batch, rng, *, model, tx, config, steps_per_epoch):
-  step_rng = jax.random.fold_in(rng, state.step)
+def _chunks(x, k: int):
+  """`[B, ...]` -> `[k, B/k, ...]`, chunk c = rows c, c+k, c+2k, ... With rows sharded in
+  contiguous blocks over the devices, every chunk is spread evenly over them (B/k divisible by
+  the device count), so splitting and merging move no data between devices."""
+  return x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+
+
+def _unchunk(x):
+  """Inverse of `_chunks`: `[k, B/k, ...]` -> `[B, ...]` in the original row order."""
+  return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+
+def cached_value_and_grad(params, batch, rng, step, *, model, config, steps_per_epoch,
+                          num_chunks: int):
+  """(loss, metrics), grads of `loss_fn` with the encoders run in `num_chunks` chunks: the
+  contrastive loss still sees every pair of the whole batch (GradCache, Gao et al. 2021).
+
+  1. The encoders (`model.towers`) run chunk by chunk with no activations kept: the token sets
+     of the whole batch (small next to the encoders' activations).
+  2. The head and loss run on the whole batch: the gradient w.r.t. the head's parameters and
+     w.r.t. the token sets.
+  3. Each chunk's encoders run again under `jax.vjp`, pulled back with that chunk's token-set
+     gradient; the parameter gradients add up.
+  Peak activation memory is one chunk's encoders instead of the batch's. Dropout masks are drawn
+  per chunk (rng folded with the chunk index), so with dropout on the gradient is that of other,
+  equally random masks; without dropout it equals the full-batch gradient (tests/test_train.py).
+  """
+  k = num_chunks
+  dropout, gumbel, noise = jax.random.split(rng, 3)
+  chunks = jax.tree.map(lambda x: _chunks(x, k), batch)
+  index = jnp.arange(k)
+
+  def towers(p, chunk, i):
+    return model.apply({"params": p}, chunk, train=True,
+                       rngs={"dropout": jax.random.fold_in(dropout, i)}, method="towers")
+
+  reps = jax.tree.map(_unchunk, jax.lax.map(lambda a: towers(params, *a), (chunks, index)))
+
+  def head_loss(p, r):
+    sims, aux = model.apply({"params": p}, r, batch, train=True, method="head",
+                            rngs={"dropout": dropout, "gumbel": gumbel, "noise": noise})
+    return _total_loss(sims, aux, batch, step, p, config, steps_per_epoch)
+
+  (loss, metrics), (grads, rep_grads) = jax.value_and_grad(
+      head_loss, argnums=(0, 1), has_aux=True)(params, reps)
+
+  def pull_back(acc, a):
+    chunk, g, i = a
+    _, vjp = jax.vjp(lambda p: towers(p, chunk, i), params)
+    return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
+
+  grads, _ = jax.lax.scan(pull_back, grads,
+                          (chunks, jax.tree.map(lambda x: _chunks(x, k), rep_grads), index))
+  return (loss, metrics), grads
+
+
+def value_and_grad(params, batch, rng, step, *, model, config, steps_per_epoch):
+  """(loss, metrics), grads of one batch: plain, or with `train.encoder_chunk` > 1 through
+  `cached_value_and_grad`."""
+  k = int(config.train.get("encoder_chunk", 0))
+  if k > 1:
+    return cached_value_and_grad(params, batch, rng, step, model=model, config=config,
+                                 steps_per_epoch=steps_per_epoch, num_chunks=k)
   grad_fn = jax.value_and_grad(
       functools.partial(loss_fn, model=model, config=config, steps_per_epoch=steps_per_epoch),
       has_aux=True)
-  (loss, metrics), grads = grad_fn(state.params, batch, step_rng, state.step)
+  return grad_fn(params, batch, rng, step)
+
+
+def train_step(state: TrainState, batch, rng, *, model, tx, config, steps_per_epoch):
+  step_rng = jax.random.fold_in(rng, state.step)
+  (loss, metrics), grads = value_and_grad(state.params, batch, step_rng, state.step, model=model,
+                                          config=config, steps_per_epoch=steps_per_epoch)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # param_norm of the UPDATED params: not finite when an update exploded them (checked before
@@ -321,6 +392,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     total_steps = min(total_steps, config.train.max_steps)
 
   mesh = sharding.make_mesh(config.mesh)
+  k = int(config.train.get("encoder_chunk", 0))
+  if k > 1 and config.train.batch_size % (k * mesh.size):
+    from configs import common  # pylint: disable=g-import-not-at-top
+    raise common.ConfigError(
+        f"config.train.batch_size = {config.train.batch_size} must be divisible by "
+        f"train.encoder_chunk x devices = {k} x {mesh.size}: every encoder chunk is spread over "
+        f"all devices. Change --config.train.batch_size or --config.train.encoder_chunk.")
   model = models.build_model(config.model)
   sample = sample_batch(config)
   rng = jax.random.key(config.seed)

@@ -7,9 +7,12 @@ process is part of; process 0 writes OUT/<mesh name>.npz with
 
   python tests/_grad_worker.py MODEL OUT '{"one": {"data": 1, "fsdp": 1, "devices": 1},
                                          "eight": {"data": 4, "fsdp": 2}}' [STEPS] [pipeline]
+                                         [batch=N] [nodropout]
 
 Each named mesh (over the first `devices` devices, default all) is run in turn in this process,
-on the same code, and written to OUT/<name>.npz by process 0.
+on the same code, and written to OUT/<name>.npz by process 0. A mesh entry may also set
+`encoder_chunk` (train.encoder_chunk: contrastive gradient caching) for its run; `nodropout`
+turns dropout off in every run (chunked and full-batch dropout masks differ by design).
 
 The batch is a fixed random one, or with `pipeline` the first batch of the tiny generated dataset
 as the training data loader gives it (each process reads only its own slice).
@@ -21,7 +24,6 @@ process) and tests/test_train.py (two cooperating processes).
 """
 
 import faulthandler
-import functools
 import json
 import os
 import signal
@@ -106,8 +108,11 @@ def compare(ref, got) -> list[str]:
 def main():
   faulthandler.register(signal.SIGUSR1, all_threads=True)
   model_name, out, meshes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-  steps = int(sys.argv[4]) if len(sys.argv) > 4 else 2
-  from_pipeline = len(sys.argv) > 5 and sys.argv[5] == "pipeline"
+  extra = sys.argv[4:]
+  steps = int(extra[0]) if extra and extra[0].isdigit() else 2
+  from_pipeline = "pipeline" in extra
+  global BATCH
+  BATCH = int(dict(a.split("=", 1) for a in extra if "=" in a).get("batch", BATCH))
   distributed.maybe_initialize()
   import jax  # pylint: disable=g-import-not-at-top
   import tiny  # pylint: disable=g-import-not-at-top
@@ -119,6 +124,9 @@ def main():
                       warmup_steps=0)
   # No all-negative warm-up epoch: its first batch weighs 0 (i / n_batches), a zero gradient.
   config.loss.warmup_epochs = 0
+  if "nodropout" in extra:
+    for tower in (config.model.vision, config.model.text):
+      tower.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   model = models.build_model(config.model)
   batch = fixed_batch(config)
   key = jax.random.key(0)
@@ -138,14 +146,16 @@ def main():
     local = {k: v[pid * BATCH // n:(pid + 1) * BATCH // n] for k, v in batch.items()}
 
   splits = {}
+  base_config = config
   for name, mesh_cfg in meshes.items():  # one after the other, in this process: the same code
+    mesh_cfg = dict(mesh_cfg)
+    config = base_config.copy_and_resolve_references()
+    config.train.encoder_chunk = int(mesh_cfg.pop("encoder_chunk", 0))
 
     def grads_of(params, gb, rng, step):  # a new function per mesh: nothing cached across them
-      fn = functools.partial(trainer.loss_fn, model=model, config=config,
-                             steps_per_epoch=steps_per_epoch)
-      return jax.grad(fn, has_aux=True)(params, gb, jax.random.fold_in(rng, step), step)[0]
+      return trainer.value_and_grad(params, gb, jax.random.fold_in(rng, step), step, model=model,
+                                    config=config, steps_per_epoch=steps_per_epoch)[1]
 
-    mesh_cfg = dict(mesh_cfg)
     devices = mesh_cfg.pop("devices", None)
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:devices] if devices else None)
     rep = sharding.replicated(mesh)

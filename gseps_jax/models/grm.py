@@ -389,7 +389,10 @@ class GRM(nn.Module):
       adapter outputs: keep, mask, prob, ...), attn `[B, K, Lv]` region attention, means, stats,
       u `[B, K, E]` region tokens U, logvar `[B, K, E]`).
     """
-    v = self._image_tokens(images, train)
+    return self._image_head(self._image_tokens(images, train), train)
+
+  def _image_head(self, v: jax.Array, train: bool) -> dict:
+    """`image_branch` after the encoder: from the projected tokens V `[B, Lv, E]`."""
     valid = jnp.ones(v.shape[:2], bool)
     sa = self._adapter(self.sa, v, valid, "use_sa", train)
     v_hat = v * sa["mask"][..., None]
@@ -412,7 +415,11 @@ class GRM(nn.Module):
     """Every intermediate of the text branch: dict(t `[B, Lt, E]`, valid, t_hat, ga (adapter
     outputs: keep, mask, prob, ...)). `text_hidden`: cached frozen-tower outputs replacing the
     text encoder call (data/text_cache.py)."""
-    t = self._text_tokens(input_ids, attention_mask, train, text_hidden)
+    return self._text_head(self._text_tokens(input_ids, attention_mask, train, text_hidden),
+                           attention_mask, train)
+
+  def _text_head(self, t: jax.Array, attention_mask: jax.Array, train: bool) -> dict:
+    """`text_branch` after the encoder: from the projected tokens T `[B, Lt, E]`."""
     valid = attention_mask.astype(bool)
     ga = self._adapter(self.ga, t, valid, "use_ga", train)
     return dict(t=t, valid=valid, t_hat=t * ga["mask"][..., None], ga=ga)
@@ -473,8 +480,16 @@ class GRM(nn.Module):
     s = self.level_scores(img_feats, txt_feats, chunk=chunk, levels=self._levels())
     return sum(w[k] * s[k] for k in s)
 
+  def towers(self, batch: dict, *, train: bool) -> dict:
+    """The encoders' per-example outputs that `head` scores: {'v': `[B, Lv, E]` projected image
+    tokens V, 't': `[B, Lt, E]` projected caption tokens T}. Row b depends on row b of the batch
+    only (the split that contrastive gradient caching relies on: trainer.py)."""
+    return {"v": self._image_tokens(batch["image"], train),
+            "t": self._text_tokens(batch["input_ids"], batch["attention_mask"], train,
+                                   batch.get("text_hidden"))}
+
   def __call__(self, batch: dict, *, train: bool):
-    """Training forward.
+    """Training forward: `head(towers(batch), batch)`.
 
     Args:
       batch: 'image' `[B, H, W, 3]`, 'input_ids' `[B, Lt]`, 'attention_mask' `[B, Lt]`;
@@ -488,9 +503,13 @@ class GRM(nn.Module):
         switched off) and metrics 'keep_ratio_img', 'keep_ratio_txt' (mean keep weight per
         valid token), 'region_entropy', 'region_cos', 'region_mean_cos'.
     """
-    im = self.image_branch(batch["image"], train)
-    tx = self.text_branch(batch["input_ids"], batch["attention_mask"], train,
-                          batch.get("text_hidden"))
+    return self.head(self.towers(batch, train=train), batch, train=train)
+
+  def head(self, reps: dict, batch: dict, *, train: bool):
+    """Everything after the encoders, on the whole batch: (sims, aux) of `__call__` from
+    `towers` outputs `reps` (batch: 'attention_mask')."""
+    im = self._image_head(reps["v"], train)
+    tx = self._text_head(reps["t"], batch["attention_mask"], train)
     g = self.config.grm
     chunk = g.get("train_chunk", None)
     levels = self._levels()

@@ -624,8 +624,21 @@ class SEPS(nn.Module):
       x = lax.stop_gradient(x)
     return {"tokens": x if self.fc is None else self.fc(x), "mask": attention_mask.astype(bool)}
 
+  def towers(self, batch: Mapping[str, Array], *, train: bool) -> dict:
+    """The encoders' per-example outputs that `head` scores: {'img': `[B, L, D]` image tokens,
+    'cap': `[B, Lc, D]` caption tokens, 'dense': `[B, Ld, D]` dense-caption tokens (with the
+    dense branch)}. Row b depends on row b of the batch only (contrastive gradient caching:
+    trainer.py)."""
+    out = {"img": self.encode_images(batch["image"], train=train)["tokens"],
+           "cap": self.encode_texts(batch["input_ids"], batch["attention_mask"],
+                                    batch.get("text_hidden"), train=train)["tokens"]}
+    if self.use_dense:
+      out["dense"] = self.encode_texts(batch["dense_ids"], batch["dense_mask"],
+                                       batch.get("dense_hidden"), train=train)["tokens"]
+    return out
+
   def __call__(self, batch: Mapping[str, Array], *, train: bool) -> tuple[dict, dict]:
-    """In-batch training forward.
+    """In-batch training forward: `head(towers(batch), batch)`.
 
     Row b of the batch is (image_b, caption_b, dense caption of image_b). Both dense modes use
     the rows as they are: parity pairs caption j with dense_j (its ground-truth image's), honest
@@ -634,13 +647,17 @@ class SEPS(nn.Module):
     Returns:
       ({'seps': [B, B]}, {'ratio_loss': constant official ratio term, 'keep_ratio': K / N}).
     """
-    img = self.encode_images(batch["image"], train=train)["tokens"]
-    cap = self.encode_texts(batch["input_ids"], batch["attention_mask"],
-                            batch.get("text_hidden"), train=train)
-    dense = ({"tokens": None, "mask": None} if not self.use_dense else
-             self.encode_texts(batch["dense_ids"], batch["dense_mask"],
-                               batch.get("dense_hidden"), train=train))
-    sims = self.cross_net(img, cap["tokens"], cap["mask"], dense["tokens"], dense["mask"],
+    return self.head(self.towers(batch, train=train), batch, train=train)
+
+  def head(self, reps: Mapping[str, Array], batch: Mapping[str, Array], *,
+           train: bool) -> tuple[dict, dict]:
+    """Everything after the encoders, on the whole batch: `__call__`'s outputs from `towers`
+    outputs `reps` (batch: 'attention_mask', 'dense_mask')."""
+    del train  # the head is deterministic
+    img = reps["img"]
+    sims = self.cross_net(img, reps["cap"], batch["attention_mask"].astype(bool),
+                          reps.get("dense"),
+                          batch["dense_mask"].astype(bool) if self.use_dense else None,
                           chunk=self.train_chunk)
     n = img.shape[1] - (1 if has_cls(img.shape[1]) else 0)
     k = num_kept(n, self.rho)
