@@ -7,8 +7,11 @@ this machine: text -> image R@1 25.0%, R@5 78.75% over the 80 test captions (cha
 """
 
 import base64
+import fcntl
 import io
 import json
+import os
+import shutil
 
 import jax
 import ml_collections
@@ -52,12 +55,32 @@ def _tiny_grm_config(data_dir):
   return c
 
 
+def _train_once(tmp_path_factory):
+  """The trained workdir and its results, trained once per test session: pytest-xdist workers
+  share it (the first one to get the lock trains, the others wait and read its results); tests
+  only read it."""
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  root = shared / "retrieve_trained"
+  with open(shared / "retrieve_trained.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not (root / "results.json").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        results = trainer.train_and_evaluate(_tiny_grm_config(root / "tfds"),
+                                             str(root / "grm"))
+        (root / "results.json").write_text(json.dumps(results))
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return root, json.loads((root / "results.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """(workdir, trainer results, restored (config, model, params, step), Retriever, Index)."""
+  shared, results = _train_once(tmp_path_factory)
   root = tmp_path_factory.mktemp("retrieve")
-  workdir = root / "grm"
-  results = trainer.train_and_evaluate(_tiny_grm_config(root / "tfds"), str(workdir))
+  workdir = shared / "grm"
   config, model, params, step = trainer.restore_params(str(workdir))
   retriever = retrieve.Retriever(config, model, params)
   source = retrieve.open_images("dataset:test", config)
