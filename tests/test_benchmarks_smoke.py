@@ -91,3 +91,22 @@ def test_demo_table_ceiling_from_generator_ground_truth():
   assert twins > 0
   c = demo_table.ceiling(0, "test", 40)
   assert 300 < c["rsum"] < 600 and c["t2i_r1"] < 100 and c["captions_fitting_several"] > 0
+
+
+def test_train_memory_estimate_orders_the_variants():
+  """benchmarks/train_memory.py on reduced encoders (tracing only): remat keeps fewer
+  activations (blocks < dots < none), gradient caching keeps one chunk's encoder activations
+  (fewer than the full batch's), bf16 activations take less than fp32, and the fixed part
+  (parameters, gradients, AdamW state; fp32 in every variant) does not change."""
+  import train_memory  # pylint: disable=g-import-not-at-top
+  enc = roofline.reduced_encoders(width=32, layers=2, image_size=32, heads=2)
+  got = {name: train_memory.step_memory("grm", 16, *train_memory.VARIANTS[name], encoders=enc)
+         for name in ("plain", "remat=dots", "remat=blocks", "encoder_chunk=8", "bf16")}
+  res = {k: v["residuals"] for k, v in got.items()}
+  assert res["remat=blocks"] < res["remat=dots"] < res["plain"]
+  assert res["encoder_chunk=8"] < res["plain"]
+  assert res["bf16"] < res["plain"]
+  assert len({v["fixed"] for v in got.values()}) == 1
+  assert all(v["peak"] == v["fixed"] + v["residuals"] + v["batch"] for v in got.values())
+  # The fit: a peak that doubles per 8 examples past 24 GB caps the batch.
+  assert train_memory.max_batch({8: 1e9, 16: 2e9, 32: 4e9}, 24) == 160
