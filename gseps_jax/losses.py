@@ -26,6 +26,11 @@ def _check_square(sims, image_ids):
     raise ValueError(f"image_ids must be [B] = [{sims.shape[0]}], got {image_ids.shape}")
 
 
+def _at_least_f32(x: jax.Array) -> jax.Array:
+  """`x` as float32 if it is narrower: the aux losses below reduce bf16 inputs in float32."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def shared_image_mask(image_ids: jax.Array) -> jax.Array:
   """`[B, B]` bool: True where row i and column j show the same image (diagonal included)."""
   return image_ids[:, None] == image_ids[None, :]
@@ -124,8 +129,9 @@ def recon_loss(region_means: jax.Array, tokens: jax.Array, keep: jax.Array,
     eps: added to the squared norms (a finite gradient for zero vectors).
 
   Returns:
-    scalar.
+    scalar (float32 for bf16 inputs).
   """
+  region_means, tokens = _at_least_f32(region_means), _at_least_f32(tokens)
   keep = keep.astype(tokens.dtype)
   kept_mean = jnp.sum(tokens * keep[..., None], axis=1) / jnp.maximum(
       jnp.sum(keep, axis=1, keepdims=True), 1.0)
@@ -141,6 +147,7 @@ def kl_loss(logvar: jax.Array) -> jax.Array:
   Args:
     logvar: `[B, K, D]` log sigma^2.
   """
+  logvar = _at_least_f32(logvar)
   return 0.5 * jnp.mean(jnp.exp(logvar) - logvar - 1.0)
 
 
@@ -151,8 +158,9 @@ def column_entropy(attn: jax.Array, eps: float = 1e-12) -> jax.Array:
     attn: `[B, L, K]` Â, columns summing to 1 (or 0 for an all-zero column).
 
   Returns:
-    `[B, K]`.
+    `[B, K]` (float32 for bf16 inputs).
   """
+  attn = _at_least_f32(attn)
   return -jnp.sum(attn * jnp.log(attn + eps), axis=1)
 
 

@@ -62,7 +62,8 @@ class SaliencyAdapter(nn.Module):
     tau: Gumbel-Softmax temperature.
     hard: training forward uses the 0/1 sample with straight-through gradients (True) or the
       soft keep probability of the perturbed logits (False).
-    dtype: compute dtype of the MLP (logits and probabilities are float32).
+    dtype: compute dtype of the MLP; its output layer (the two logits) and the probabilities are
+      float32 whatever it is.
   """
   tau: float = 1.0
   hard: bool = True
@@ -91,8 +92,10 @@ class SaliencyAdapter(nn.Module):
     h = nn.LayerNorm(dtype=self.dtype, name="norm")(tokens)
     h = nn.Dense(max(1, d // 4), dtype=self.dtype, name="fc1")(h)
     h = layers.gelu(h)
-    logits = nn.Dense(2, dtype=self.dtype, name="fc2")(h)
-    ft = jnp.promote_types(logits.dtype, jnp.float32)  # float32 (float64 in the x64 tests)
+    ft = jnp.promote_types(self.dtype, jnp.float32)  # float32 (float64 in the x64 tests)
+    # The logits in float32 also for bf16 compute: only their difference counts (log_softmax),
+    # and bf16 keeps 8 significant bits of each (tests/test_bf16.py). Two outputs: free.
+    logits = nn.Dense(2, dtype=ft, name="fc2")(h)
     logp = jax.nn.log_softmax(logits.astype(ft), axis=-1)  # [B, L, 2]
     prob = jnp.exp(logp[..., 0])
     keep_logit = logp[..., 0] - logp[..., 1]
