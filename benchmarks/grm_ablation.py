@@ -21,6 +21,12 @@ weights). Reported per variant: test rSum and R@1s, the evaluation keep ratios (
 and the training metrics at the last step (region_cos = overlap of the region maps,
 region_mean_cos, keep ratios).
 
+`--redundancy` prints instead how much of each side a saliency adapter could drop without losing
+what tells a caption's image apart (no training): the fraction of the ViT's patches that hold
+any object pixel on the generated images, and the fraction of caption word pieces that name an
+attribute (colour, shape, size, position, count) on the generated captions, against the same
+fraction of content words on real Flickr30K test captions (tests/data/f30k).
+
 Output: a Markdown table on stdout and `<workdir>/ablation.json`. Variants are independent: on
 a shared machine they can run as separate processes (one `--variants=NAME` each, own
 `--workdir`), then `--collect DIR1 DIR2 ...` prints one table from their ablation.json files.
@@ -29,6 +35,7 @@ a shared machine they can run as separate processes (one `--variants=NAME` each,
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -100,6 +107,100 @@ def run_variant(name: str, steps: int, root: str, base: str) -> dict:
   return row
 
 
+# Function words of English captions (closed classes: articles, prepositions, pronouns,
+# auxiliaries, conjunctions) and punctuation; every other word counts as content.
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some each other
+of in on at to for with from by into onto over under near next behind while as
+is are was were be being been has have his her their its it he she they them him who which
+and or but while there here up down out off its , . : ; ' " - ! ?
+""".split())
+
+
+def redundancy(seed: int = 0, split: str = "test", num_images: int = 500, image_size: int = 32,
+               patch: int = 8, f30k_caps: str = "") -> dict:
+  """How much of each side carries what discriminates (no model involved).
+
+  Returns dict: 'object_patch_frac' (mean over images of the fraction of the (image_size /
+  patch)^2 patches holding any object pixel), 'object_patches_mean', 'patches', 'attr_word_frac'
+  (fraction of the generated captions' words that name an attribute: colour, shape, size,
+  position or count word), 'f30k_content_frac' (fraction of Flickr30K caption words that are not
+  function words or punctuation; when `f30k_caps` is given).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  g = image_size // patch
+  fracs = []
+  words = attr = 0
+  attr_words = _attribute_words()
+  for pair in range((num_images + 1) // 2):
+    for scene, _, caps in synthetic.pair_scenes(seed, split, pair):
+      fracs.append(_object_patches(synthetic.render_scene(scene, image_size), patch).mean())
+      for c in caps:
+        toks = re.findall(r"\w+|[^\w\s]", c.lower())
+        words += len(toks)
+        attr += sum(t in attr_words for t in toks)
+  out = {"patches": g * g, "object_patch_frac": float(np.mean(fracs)),
+         "object_patches_mean": float(np.mean(fracs) * g * g),
+         "attr_word_frac": attr / max(words, 1)}
+  if f30k_caps:
+    n = content = 0
+    with open(f30k_caps, encoding="utf-8") as f:
+      for line in f:
+        toks = re.findall(r"\w+|[^\w\s]", line.lower())
+        n += len(toks)
+        content += sum(t not in FUNCTION_WORDS for t in toks)
+    out["f30k_content_frac"] = content / max(n, 1)
+  return out
+
+
+def _object_patches(image, patch: int):
+  """`[g, g]` bool: which patch of a generated image holds any object pixel."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  obj = np.any(np.abs(image.astype(np.int32) - np.array(synthetic.BACKGROUND)) > 8, axis=-1)
+  g = image.shape[0] // patch
+  return obj[:g * patch, :g * patch].reshape(g, patch, g, patch).any(axis=(1, 3))
+
+
+def saliency(workdir: str, num_images: int = 200) -> dict:
+  """What the trained adapters keep at evaluation, against what carries the content.
+
+  For the first `num_images` generated test images and their first caption: the fraction of
+  object patches and of background patches SA keeps, and the fraction of attribute words
+  (colour, shape, size, position, count) and of the other words GA keeps. An adapter that
+  learned saliency keeps objects and attribute words more often than the rest.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
+  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from gseps_jax.explain import Explainer  # pylint: disable=g-import-not-at-top
+  config, model, params, _ = trainer.restore_params(workdir)
+  ex = Explainer(config, model, params)
+  size, patch = config.data.image_size, config.model.vision.patch_size
+  attr_words = _attribute_words()
+  kept = {"object": [], "background": [], "attribute": [], "other": []}
+  for pair in range((num_images + 1) // 2):
+    for scene, _, caps in synthetic.pair_scenes(config.data.synthetic.seed, "test", pair):
+      image = synthetic.render_scene(scene, size)
+      a = ex.arrays(image, caps[0])
+      obj = _object_patches(image, patch)
+      kept["object"].extend(a["kept_patches"][obj])
+      kept["background"].extend(a["kept_patches"][~obj])
+      is_attr = np.array([w in attr_words for w in a["words"]])
+      kept["attribute"].extend(a["text_kept"][is_attr])
+      kept["other"].extend(a["text_kept"][~is_attr])
+  return {f"keep_{k}": float(np.mean(v)) for k, v in kept.items()} | {
+      f"n_{k}": len(v) for k, v in kept.items()}
+
+
+def _attribute_words() -> set:
+  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  return (set(synthetic.COLOURS) | set(synthetic.SHAPES) | {s + "s" for s in synthetic.SHAPES}
+          | set(synthetic.SIZES) | set(synthetic.NUMBERS)
+          | {w for p in synthetic.POSITIONS.values() for w in p.split()})
+
+
 def fmt(x, spec=".1f"):
   return "-" if x is None else format(x, spec)
 
@@ -133,7 +234,19 @@ def main(argv=None):
   ap.add_argument("--base", default="demo", help="configs/grm_vit.py variant string")
   ap.add_argument("--collect", nargs="*", default=None,
                   help="only print the table of these workdirs' ablation.json files")
+  ap.add_argument("--redundancy", action="store_true",
+                  help="only print the token-redundancy figures of the generated data")
+  ap.add_argument("--saliency", default="",
+                  help="only print what the adapters of this trained GRM workdir keep")
   args = ap.parse_args(argv)
+  if args.saliency:
+    print(json.dumps(saliency(args.saliency), indent=2))
+    return
+  if args.redundancy:
+    caps = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
+                        "data", "f30k", "test_caps.txt")
+    print(json.dumps(redundancy(f30k_caps=caps), indent=2))
+    return
   if args.collect is not None:
     rows = []
     for d in args.collect:

@@ -77,6 +77,13 @@ def test_demo_table_ceiling_from_generator_ground_truth():
   assert tie(1, 1, 1) == 1.0 and tie(2, 1, 1) == 0.5 and tie(4, 1, 5) == 1.0
   assert tie(10, 5, 1) == 0.5 and tie(7, 5, 1) == pytest.approx(5 / 7)
   assert tie(7, 5, 2) == pytest.approx(1 - 1 / 21)  # both top-2 from the 2 others: 1/C(7,2)
+  # Ranked tie groups (size, relevant): an image whose one own caption fits only it ranks that
+  # caption first (R@1 = 1), where one tie of its 5 own + 2 twin captions gave 5/7.
+  grp = demo_table.expected_recall_groups
+  assert grp([(1, 1), (6, 4)], 1) == 1.0
+  assert grp([(2, 0), (4, 1)], 1) == 0.0 and grp([(2, 0), (4, 1)], 3) == pytest.approx(0.25)
+  assert grp([(2, 0), (4, 1)], 6) == 1.0 and grp([(3, 0)], 5) == 0.0
+  assert grp([(7, 5)], 2) == pytest.approx(tie(7, 5, 2))
   gt = synthetic.split_ground_truth(0, "test", 40)
   assert len(gt) == 40 and all(len(caps) == 5 for caps in gt)
   assert all(i in s for i, caps in enumerate(gt) for s in caps)
@@ -91,6 +98,12 @@ def test_demo_table_ceiling_from_generator_ground_truth():
   assert twins > 0
   c = demo_table.ceiling(0, "test", 40)
   assert 300 < c["rsum"] < 600 and c["t2i_r1"] < 100 and c["captions_fitting_several"] > 0
+  # The Bayes-optimal i2t ranking beats one tie over every fitting caption, image by image.
+  fits = np.zeros(40)
+  for caps in gt:
+    for s in caps:
+      fits[list(s)] += 1
+  assert c["i2t_r1"] >= 100 * np.mean([tie(int(m), 5, 1) for m in fits]) - 1e-9
 
 
 def test_train_memory_estimate_orders_the_variants():
@@ -110,3 +123,21 @@ def test_train_memory_estimate_orders_the_variants():
   assert all(v["peak"] == v["fixed"] + v["residuals"] + v["batch"] for v in got.values())
   # The fit: a peak that doubles per 8 examples past 24 GB caps the batch.
   assert train_memory.max_batch({8: 1e9, 16: 2e9, 32: 4e9}, 24) == 160
+
+
+def test_grm_ablation_redundancy_figures():
+  """benchmarks/grm_ablation.py --redundancy: an object's centre patch is an object patch, an
+  empty scene has none, and on a few generated images every figure is a proper fraction."""
+  import grm_ablation  # pylint: disable=g-import-not-at-top
+  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  scene = {"objects": [{"shape": "square", "colour": "red", "size": "large", "cell": [0, 0],
+                        "jitter": [0.0, 0.0]}]}
+  obj = grm_ablation._object_patches(synthetic.render_scene(scene, 32), 8)
+  x, y = synthetic.object_centre(scene["objects"][0], 32)
+  assert obj.shape == (4, 4) and obj[int(y) // 8, int(x) // 8]
+  assert not obj[3, 3]  # the bottom-right corner is background
+  assert not grm_ablation._object_patches(synthetic.render_scene({"objects": []}, 32), 8).any()
+  caps = os.path.join(os.path.dirname(__file__), "data", "f30k", "test_caps.txt")
+  r = grm_ablation.redundancy(num_images=6, f30k_caps=caps)
+  assert r["patches"] == 16 and 1.0 <= r["object_patches_mean"] < 16
+  assert 0.2 < r["attr_word_frac"] < 0.9 and 0.2 < r["f30k_content_frac"] < 0.9
