@@ -64,7 +64,7 @@ from gseps_jax.data.transforms import (LEFT_RIGHT, CorruptImageError, Preprocess
                                        train_image_and_flip, train_position)
 # pylint: enable=unused-import,g-importing-member
 
-_text = sources.as_text  # the old private name (data/text_cache.py, tests)
+_text = sources.as_text  # the old private name (tests)
 Batch = dict[str, np.ndarray]
 # Per-example stages run where the batch is built (this process, or one grain worker): no thread
 # pool inside (grain's default would prefetch 500 elements on 16 threads).
@@ -73,6 +73,18 @@ _IN_PLACE = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 # ---------------------------------------------------------------------------------------------
 # Stages (picklable: grain workers unpickle the whole dataset).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Position:
+  """Stream position -> (epoch, image index): `transforms.train_position`."""
+  seed: int
+  num_examples: int
+  epoch_size: int
+
+  def __call__(self, position: int) -> tuple[int, int]:
+    return transforms.train_position(position, seed=self.seed, num_examples=self.num_examples,
+                                     epoch_size=self.epoch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,18 +228,6 @@ def train_dataset(source, tok: tokenizer_lib.Tokenizer, pp: transforms.Preproces
         .map(_TrainExample(pp, tok, int(seed), cached)))
   ds = _shard(ds, global_batch_size, process_index, process_count)
   return ds.map(_CachedFeatures(text_cache, dense_cache)) if cached else ds
-
-
-@dataclasses.dataclass(frozen=True)
-class _Position:
-  """Stream position -> (epoch, image index): `transforms.train_position`."""
-  seed: int
-  num_examples: int
-  epoch_size: int
-
-  def __call__(self, position: int) -> tuple[int, int]:
-    return transforms.train_position(position, seed=self.seed, num_examples=self.num_examples,
-                                     epoch_size=self.epoch_size)
 
 
 def _eval_steps(num_items: int, global_batch_size: int) -> int:
