@@ -1,5 +1,6 @@
-"""Input pipeline: shapes/dtypes, augmentation bounds, tokenizer, text augmentation, per-process
-sharding, resume, worker processes, global arrays."""
+"""Input pipeline: shapes/dtypes, augmentation bounds, tokenizer, text augmentation, the batch
+contract (against a reference written out without grain), per-process sharding, resume, worker
+processes (same batches, errors), global arrays."""
 
 import io
 import math
@@ -159,17 +160,97 @@ def test_resume_reproduces_batches(data, tok):
                             batches[0]["image_index"])
 
 
-def test_worker_processes_match_in_process(data, tok):
-  ref = _loader(data, tok, start_step=2)
-  want = [next(ref) for _ in range(2)]
-  with_workers = _loader(data, tok, start_step=2, num_workers=1)
+def _reference_batch(src, tok, pp, *, seed, step, global_batch_size, process_index=0,
+                     process_count=1):
+  """The training batch contract written out without grain (and as the pre-grain pipeline did
+  it, so runs resume across the change): epoch e's order is a numpy permutation keyed by
+  (seed, 1, e), global batch w of the epoch is its positions [w*G, (w+1)*G), process p takes
+  the p-th slice, and each example's generator is keyed by (seed, 2, e, image index)."""
+  epoch, w = divmod(step, len(src) // global_batch_size)
+  perm = np.random.default_rng([seed, 1, epoch]).permutation(len(src))
+  b = global_batch_size // process_count
+  idx = perm[w * global_batch_size + process_index * b:][:b]
+  exs = [pipeline.train_example(src[int(i)], np.random.default_rng([seed, 2, epoch, int(i)]),
+                                pp, tok) for i in idx]
+  return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+
+
+def _assert_batches_equal(want, got):
+  assert sorted(got) == sorted(want)
+  for k in want:
+    assert got[k].dtype == want[k].dtype, k
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_batches_follow_the_contract(data, tok, process_count):
+  src = pipeline.open_split(data, "train")
+  seen = [[] for _ in range(2)]  # per epoch
+  for p in range(process_count):
+    ld = _loader(data, tok, global_batch_size=6, process_index=p, process_count=process_count)
+    assert ld.steps_per_epoch == 4
+    for step in range(8):  # two epochs
+      got = next(ld)
+      want = _reference_batch(src, tok, PP, seed=5, step=step, global_batch_size=6,
+                              process_index=p, process_count=process_count)
+      _assert_batches_equal(want, got)
+      seen[step // 4] += got["image_index"].tolist()
+    # Random access to any step gives the same batch as iterating.
+    _assert_batches_equal(_reference_batch(src, tok, PP, seed=5, step=9, global_batch_size=6,
+                                           process_index=p, process_count=process_count),
+                          ld.dataset[9])
+  # The processes' shards are disjoint and cover each epoch's 24 images once.
+  assert [sorted(s) for s in seen] == [list(range(24))] * 2
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_worker_processes_match_in_process(data, tok, num_workers):
+  ref = _loader(data, tok)
+  want = [next(ref) for _ in range(6)]
+  with_workers = _loader(data, tok, start_step=2, num_workers=num_workers)
   try:
-    got = [next(with_workers) for _ in range(2)]
+    got = [next(with_workers) for _ in range(3)]  # steps 2, 3, 4
+    assert with_workers.get_state() == {"seed": 5, "step": 5}
+    with_workers.set_state({"seed": 5, "step": 1})  # back to step 1: new workers
+    got += [next(with_workers) for _ in range(2)]  # steps 1, 2
   finally:
     with_workers.close()
-  for w, g in zip(want, got):
-    for k in w:
-      np.testing.assert_array_equal(w[k], g[k])
+  for w, g in zip([want[2], want[3], want[4], want[1], want[2]], got):
+    _assert_batches_equal(w, g)
+
+
+def test_eval_worker_processes_match_in_process(data, tok):
+  src = pipeline.open_split(data, "test")
+  for make in (pipeline.eval_image_batches, pipeline.eval_caption_batches):
+    kw = dict(global_batch_size=4, process_index=1, process_count=2)
+    want = list(make(src, tok, PP, **kw))
+    got = list(make(src, tok, PP, num_workers=2, **kw))
+    assert len(got) == len(want) > 1
+    for w, g in zip(want, got):
+      _assert_batches_equal(w, g)
+
+
+def _records(n, corrupt=()):
+  out = []
+  for i in range(n):
+    r = dict(_record(), index=i, image_id=str(i), file_name=f"{i}.png")
+    if i in corrupt:
+      r["image"] = b"not an image"
+    out.append(r)
+  return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_corrupt_image_error_names_example(tok, num_workers):
+  # Any random-access sequence of records is a source; the error crosses the worker boundary.
+  loader = pipeline.TrainLoader(_records(4, corrupt=(2,)), tok, PP, global_batch_size=4, seed=0,
+                                process_index=0, process_count=1, num_workers=num_workers)
+  try:
+    with pytest.raises(pipeline.CorruptImageError,
+                       match=r"Cannot decode the image of example 2 \(image id 2, file 2.png\)"):
+      next(loader)
+  finally:
+    loader.close()
 
 
 def test_eval_order_and_sharding(data, tok):

@@ -143,7 +143,7 @@ def test_training_loss_same_with_cache(tmp_path, minilm):
   config.data.data_dir = str(tiny.DATA_DIR)
   tiny.ensure_data(config)
   loader = pipeline.TrainLoader.from_config(config, global_batch_size=8, seed=0)
-  assert loader.batches.text_cache is not None
+  assert loader.text_cache is not None
   batch = next(loader)
   assert batch["text_hidden"].shape == (8, 12, 384) and batch["text_hidden"].dtype == np.float16
   model = models.build_model(config.model)

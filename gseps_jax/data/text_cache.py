@@ -40,6 +40,9 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
+from gseps_jax.data import sources
+from gseps_jax.data import transforms
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -193,12 +196,11 @@ def compute_features(texts: Sequence[str], path, *, encoder, params, tok, max_le
 def split_texts(source, kind: str, *, chunk: int = 1000) -> tuple[list[str], np.ndarray]:
   """(texts in dataset order, `[N + 1]` offsets) of a split: its captions, or its dense
   captions (one per image)."""
-  from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   texts, offsets = [], [0]
   for start in range(0, len(source), chunk):
-    for r in pipeline.read_records(source, range(start, min(start + chunk, len(source)))):
-      item = ([pipeline._text(c) for c in r["captions"]] if kind == "captions"  # pylint: disable=protected-access
-              else [pipeline._text(r["dense_caption"])])  # pylint: disable=protected-access
+    for r in sources.read_records(source, range(start, min(start + chunk, len(source)))):
+      item = ([sources.as_text(c) for c in r["captions"]] if kind == "captions"
+              else [sources.as_text(r["dense_caption"])])
       texts.extend(item)
       offsets.append(offsets[-1] + len(item))
   return texts, np.asarray(offsets, np.int64)
@@ -207,11 +209,10 @@ def split_texts(source, kind: str, *, chunk: int = 1000) -> tuple[list[str], np.
 def with_flips(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
   """`texts` + the left/right-swapped version of each text the swap changes, and the row of
   each original text's swapped version."""
-  from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   out = list(texts)
   flip_rows = np.arange(len(texts), dtype=np.int64)
   for i, t in enumerate(texts):
-    s = pipeline.swap_left_right(t)
+    s = transforms.swap_left_right(t)
     if s != t:
       flip_rows[i] = len(out)
       out.append(s)
@@ -239,10 +240,9 @@ def for_split(config, source, split: str, *, kind: str = "captions",
   swapped rows when `data.hflip > 0`."""
   if not enabled(config, kind=kind, train=train):
     return None
-  from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from gseps_jax.models import hf_import  # pylint: disable=g-import-not-at-top
 
-  tok = tok or pipeline.tokenizer_from_config(config)
+  tok = tok or sources.tokenizer_from_config(config)
   max_len = int(config.data.max_len if kind == "captions" else config.data.dense_max_len)
   texts, offsets = split_texts(source, kind)
   flips = train and float(config.data.get("hflip", 0.5)) > 0
