@@ -240,6 +240,32 @@ def _records(n, corrupt=()):
   return out
 
 
+class _CountingSource:
+  """A list of records that remembers which ones were read."""
+
+  def __init__(self, records):
+    self.records, self.read = records, []
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    self.read.append(int(i))
+    return self.records[i]
+
+
+def test_each_process_reads_only_its_share(tok):
+  reads = []
+  for p in range(2):
+    src = _CountingSource(_records(8))
+    loader = pipeline.TrainLoader(src, tok, PP, global_batch_size=4, seed=0, process_index=p,
+                                  process_count=2)
+    batch = next(loader)
+    assert sorted(src.read) == sorted(batch["image_index"].tolist())  # its 2 rows, no others
+    reads.append(set(src.read))
+  assert not reads[0] & reads[1] and len(reads[0] | reads[1]) == 4
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_corrupt_image_error_names_example(tok, num_workers):
   # Any random-access sequence of records is a source; the error crosses the worker boundary.

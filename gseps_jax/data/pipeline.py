@@ -19,6 +19,9 @@ worker count.
   attention_mask [B, L] int32, dense_ids [B, Ld] int32, dense_mask [B, Ld] int32,
   image_index [B] int32 (index of the image within the split); with cached frozen text features
   (data/text_cache.py) also text_hidden [B, L, D_text] float16 (and dense_hidden [B, Ld, D_text]).
+  The stages are separate so that the image work can move: a stage returning uint8 pixels and
+  the drawn crop box / flip (same generator draws) plus a jitted crop/resize/normalise after
+  `to_global` would put the augmentation on the accelerator without changing the order or state.
 
 Evaluation (`eval_image_batches`, `eval_caption_batches`): dataset order, no randomness. Global
 batch s covers images (or captions; caption j belongs to image j // 5) [s*G, (s+1)*G); process p
