@@ -49,6 +49,7 @@ if _ROOT not in sys.path:
 from configs import common  # pylint: disable=g-import-not-at-top
 from gseps_jax import models
 from gseps_jax import optim
+from gseps_jax import state as state_lib
 from gseps_jax import trainer
 from gseps_jax.models import seps as seps_lib
 from gseps_jax.models import similarity
@@ -178,7 +179,7 @@ def build_train_step(config, steps_per_epoch: int = 1000):
   The step is the project's `trainer.train_step` with the state donated, as in training.
   """
   model = models.build_model(config.model)
-  sample = trainer.sample_batch(config, batch_size=2)
+  sample = state_lib.sample_batch(config, batch_size=2)
   key = jax.random.key(config.seed)
   abstract_params = jax.eval_shape(
       lambda: model.init({"params": key, "dropout": key, "gumbel": key, "noise": key}, sample,
@@ -188,7 +189,7 @@ def build_train_step(config, steps_per_epoch: int = 1000):
   def init():
     rngs = dict(zip(("params", "dropout", "gumbel", "noise"), jax.random.split(key, 4)))
     params = model.init(rngs, sample, train=False)["params"]
-    return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=tx.init(params))
 
   step = functools.partial(trainer.train_step, model=model, tx=tx, config=config,

@@ -39,7 +39,7 @@ import tiny
 from configs import grm_vit, seps_vit
 from gseps_jax import losses
 from gseps_jax import models
-from gseps_jax import trainer
+from gseps_jax import state as state_lib
 from gseps_jax.models import grm as grm_lib
 from gseps_jax.models import similarity
 
@@ -89,7 +89,7 @@ def _config(name, dtype, kind="hinge"):
 
 
 def _batch(config, seed, near_duplicates=False, shared_ids=False):
-  """A `trainer.sample_batch` filled with random images and captions (`tiny.random_inputs`).
+  """A `state_lib.sample_batch` filled with random images and captions (`tiny.random_inputs`).
 
   near_duplicates: one image repeated with noise 1e-3 (mostly below bf16's resolution, 2^-8
     relative) and one caption repeated. shared_ids: every row shows the same image (all
@@ -103,7 +103,7 @@ def _batch(config, seed, near_duplicates=False, shared_ids=False):
     images = images[:1] + 1e-3 * rng.normal(size=images.shape).astype(np.float32)
     ids, mask = np.repeat(ids[:1], BATCH, 0), np.repeat(mask[:1], BATCH, 0)
     dense_ids, dense_mask = np.repeat(dense_ids[:1], BATCH, 0), np.repeat(dense_mask[:1], BATCH, 0)
-  batch = trainer.sample_batch(config, BATCH)
+  batch = state_lib.sample_batch(config, BATCH)
   batch.update(image=images, input_ids=ids, attention_mask=mask, dense_ids=dense_ids,
                dense_mask=dense_mask)
   if shared_ids:

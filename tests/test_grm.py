@@ -176,8 +176,8 @@ def test_keep_penalty_and_ratio_by_hand():
   valid = jnp.array([[True, True, True, True], [True, True, False, False],
                      [False, False, False, False]])
   # item ratios 0.5 and 1.0 (the third, empty item counts 0); target 0.5
-  assert float(grm_lib.keep_penalty(mask, valid, 0.5)) == pytest.approx((0 + 0.25 + 0) / 3)
-  assert float(grm_lib.keep_ratio(mask, valid)) == pytest.approx(4 / 6)  # padding not counted
+  assert float(losses.keep_penalty(mask, valid, 0.5)) == pytest.approx((0 + 0.25 + 0) / 3)
+  assert float(losses.keep_ratio(mask, valid)) == pytest.approx(4 / 6)  # padding not counted
 
 
 # ----------------------------------------------------------------------------- regions
@@ -299,7 +299,7 @@ def tiny_batch(b=4, length=8, image_size=32):
 @pytest.fixture(scope="module")
 def tiny_grm():
   config = tiny_config()
-  model = grm_lib.GRM(config.model)
+  model = grm_lib.GRM.from_config(config.model)
   batch = tiny_batch()
   rngs = {k: jax.random.key(i) for i, k in enumerate(("params", "dropout", "gumbel", "noise"))}
   params = fast_jit(lambda: model.init(rngs, batch, train=False)["params"])()
@@ -365,7 +365,7 @@ def test_grm_freeze_text_stops_text_encoder_gradients(tiny_grm):
   for freeze in (False, True):
     cfg = config.model.copy_and_resolve_references()
     cfg.freeze_text = freeze
-    model = grm_lib.GRM(cfg)
+    model = grm_lib.GRM.from_config(cfg)
     f = lambda p: model.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
                               method=grm_lib.GRM.encode_texts)["ori"].sum()
     grads[freeze] = fast_jit(jax.grad(f))(params)
@@ -414,13 +414,13 @@ def test_checkpoint_restores_under_other_level_weights_but_not_other_regions(tmp
 
 
 def test_evaluation_keep_ratios():
-  from gseps_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from gseps_jax import evaluator  # pylint: disable=g-import-not-at-top
   img = {"ori_mask": np.ones((2, 4), bool),
          "key_mask": np.array([[1, 0, 0, 0], [1, 1, 1, 0]], bool)}
   txt = {"ori_mask": np.array([[1, 1, 0], [1, 1, 1]], bool),
          "key_mask": np.array([[1, 0, 1], [0, 1, 1]], bool)}  # padding never counts
-  assert evaluate.keep_ratios(img, txt) == {"keep_ratio_img": 4 / 8, "keep_ratio_txt": 3 / 5}
-  assert evaluate.keep_ratios({"tokens": 0}, {"tokens": 0}) == {}
+  assert evaluator.keep_ratios(img, txt) == {"keep_ratio_img": 4 / 8, "keep_ratio_txt": 3 / 5}
+  assert evaluator.keep_ratios({"tokens": 0}, {"tokens": 0}) == {}
 
 
 def test_level_weights_choose_the_levels_computed(tiny_grm):
@@ -430,7 +430,7 @@ def test_level_weights_choose_the_levels_computed(tiny_grm):
   def scores(weights):
     cfg = config.model.copy_and_resolve_references()
     cfg.grm.level_weights = weights
-    model = grm_lib.GRM(cfg)
+    model = grm_lib.GRM.from_config(cfg)
     img = model.apply({"params": params}, batch["image"], method=grm_lib.GRM.encode_images)
     txt = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                       method=grm_lib.GRM.encode_texts)
@@ -446,7 +446,7 @@ def test_ablation_switches_remove_components(tiny_grm):
   config, _, batch, _ = tiny_grm
   cfg = config.model.copy_and_resolve_references()
   cfg.grm.use_sa = cfg.grm.use_ga = cfg.grm.use_regions = False
-  model = grm_lib.GRM(cfg)
+  model = grm_lib.GRM.from_config(cfg)
   rngs = {k: jax.random.key(i) for i, k in enumerate(("params", "dropout", "gumbel", "noise"))}
 
   @fast_jit
