@@ -5,12 +5,13 @@ every image and caption encoded once, all pairs scored on device with the model'
 (GRM: three kernel calls on precomputed token sets; SEPS: caption-dependent selection per tile),
 then R@1/5/10, median/mean rank and rSum. The same `Evaluator` runs inside the training loop.
 
-Protocols: flickr1k (whole 1K test), full (every pair of the split, any size), coco1k (mean over the 5 folds of 1,000 images), coco5k
-(whole 5K test), all (coco1k and coco5k). SEPS: `--dense_mode=honest` (the dense caption
-describes the candidate image) or `parity` (the official code's behaviour: the caption's own
-ground-truth dense caption — leaks the answer; reported as such); default: the mode the
-checkpoint was trained with. `--dense_shuffle` (leak audit) also scores both modes with the
-dense captions permuted among the images and reports the rSum drop next to the unshuffled rSum.
+Protocols: flickr1k (whole 1K test), full (every pair of the split, any size), coco1k (mean over
+the 5 folds of 1,000 images), coco5k (whole 5K test), all (coco1k and coco5k). SEPS:
+`--dense_mode=honest` (the dense caption describes the candidate image) or `parity` (the official
+code's behaviour: the caption's own ground-truth dense caption — leaks the answer; reported as
+such); default: the mode the checkpoint was trained with. `--dense_shuffle` (leak audit) also
+scores both modes with the dense captions permuted among the images and reports the rSum drop next
+to the unshuffled rSum.
 """
 
 import json
