@@ -75,8 +75,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12, *, clamp: bool = False) -> ja
     `[..., D]` in float32 (float64 stays float64), unit norm; zero vectors stay zero.
   """
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  ss = jnp.sum(x * x, axis=-1, keepdims=True)
-  return x * lax.rsqrt(jnp.maximum(ss, eps * eps) if clamp else ss + eps)
+  if clamp:  # square, not x * x: the two differ in the last bit of the gradient
+    return x * lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
+  return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 def _masked_max_mean(s, max_mask, mean_mask, max_axis, max_weight=None, mean_weight=None):
