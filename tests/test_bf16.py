@@ -40,7 +40,7 @@ from configs import grm_vit, seps_vit
 from gseps_jax import losses
 from gseps_jax import models
 from gseps_jax import state as state_lib
-from gseps_jax.models import grm as grm_lib
+from gseps_jax.models import grm_heads
 from gseps_jax.models import similarity
 
 # Whole-model compiles dominate this file's time: XLA's cheap CPU code generation (same values).
@@ -299,11 +299,12 @@ def test_saliency_adapter_logits_are_float32():
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.normal(size=(2, 9, 32)), jnp.float32)
   valid = jnp.ones((2, 9), bool)
-  params = grm_lib.SaliencyAdapter().init(jax.random.key(0), tokens, valid, train=False)["params"]
+  params = grm_heads.SaliencyAdapter().init(jax.random.key(0), tokens, valid,
+                                            train=False)["params"]
   params = jax.tree.map(lambda a: a, params)  # a mutable copy
   params["fc2"]["bias"] = jnp.asarray([100.0, 100.0])  # logits ~100: bf16 spacing 0.5
-  prob = {dt: grm_lib.SaliencyAdapter(dtype=dt).apply({"params": params}, tokens, valid,
-                                                      train=False)["prob"]
+  prob = {dt: grm_heads.SaliencyAdapter(dtype=dt).apply({"params": params}, tokens, valid,
+                                                        train=False)["prob"]
           for dt in (jnp.float32, jnp.bfloat16)}
   assert prob[jnp.bfloat16].dtype == jnp.float32
   # Measured 1.0e-3 (the bf16 hidden layer); with bf16 logits 0.12 (logit steps of 0.5).
