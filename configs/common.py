@@ -28,6 +28,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def override_fields(node, kv: dict, family: str) -> None:
+  """Sets the `key=value` pairs of a variant string on a head sub-config (`config.model.grm`,
+  `config.model.seps`), each value parsed as the type of the field it replaces."""
+  for k, v in kv.items():
+    if k not in node:
+      raise KeyError(f"Unknown {family} variant key {k!r}; known: {sorted(node)}.")
+    old = node[k]
+    node[k] = v.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(v)
+
+
 def parse_variant(arg):
   """'tiny' / 'demo,384' / 'tiny,seed=3' -> ({'tiny', ...}, {'seed': '3'})."""
   flags, kv = set(), {}

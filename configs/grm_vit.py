@@ -92,12 +92,7 @@ def apply_variants(c, flags, kv):
     c.loss.kind = "infonce"
     c.model.grm.learn_temperature = True
     c.model.grm.init_temperature = c.loss.init_temperature
-  for k, v in kv.items():
-    if k not in c.model.grm:
-      raise KeyError(f"Unknown GRM variant key {k!r}; known: {sorted(c.model.grm)}.")
-    old = c.model.grm[k]
-    c.model.grm[k] = (v.lower() in ("1", "true", "yes") if isinstance(old, bool)
-                      else type(old)(v))
+  common.override_fields(c.model.grm, kv, "GRM")
   return c
 
 

@@ -78,12 +78,7 @@ def apply_variants(c, flags, kv):
     c.eval.chunk = 50
   if "parity" in flags:  # last: also overrides the demo's honest mode
     c.model.seps.dense_mode = "parity"  # eval.dense_mode follows (a reference)
-  for k, v in kv.items():
-    if k not in c.model.seps:
-      raise KeyError(f"Unknown SEPS variant key {k!r}; known: {sorted(c.model.seps)}.")
-    old = c.model.seps[k]
-    c.model.seps[k] = (v.lower() in ("1", "true", "yes") if isinstance(old, bool)
-                       else type(old)(v))
+  common.override_fields(c.model.seps, kv, "SEPS")
   return c
 
 
