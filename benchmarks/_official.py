@@ -21,7 +21,6 @@ code paths. Everything that runs in the timed paths is the official code.
 import argparse
 import contextlib
 import importlib
-import math
 import os
 import sys
 from typing import Any, Mapping, Optional
@@ -148,20 +147,3 @@ def build_vse_model(vse, vision_cfg, text_cfg, opt):
   cross_net = importlib.import_module("lib.cross_net")
   model.cross_net = cross_net.CrossSparseAggrNet_v2(opt)
   return model
-
-
-def aggr_net_to_ours(aggr_net) -> dict:
-  """Official `TokenAggregation` weights -> our `AggregationNet` params (numpy)."""
-  w = {k: v.detach().cpu().numpy() for k, v in aggr_net.state_dict().items()}
-  return {"norm": {"scale": w["weight.0.weight"], "bias": w["weight.0.bias"]},
-          "fc1": {"kernel": w["weight.1.weight"].T, "bias": w["weight.1.bias"]},
-          "fc2": {"kernel": w["weight.3.weight"].T, "bias": w["weight.3.bias"]},
-          "scale": w["scale"].reshape(())}
-
-
-def num_aggregated(grid: int, alpha: float = 0.4, rho: float = 0.5) -> int:
-  return int(grid * alpha * rho)
-
-
-def num_kept(n: int, rho: float = 0.5) -> int:
-  return math.ceil(n * rho)

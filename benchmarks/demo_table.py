@@ -130,7 +130,7 @@ def _baseline_module():
   from gseps_jax.models import encoders  # pylint: disable=g-import-not-at-top
   from gseps_jax.models.similarity import token_similarity  # pylint: disable=g-import-not-at-top
 
-  def unit(x):  # x * rsqrt(|x|^2 + eps): finite gradient at all-zero padding (platform.md)
+  def unit(x):  # x * rsqrt(|x|^2 + eps): finite gradient at all-zero padding
     return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
 
   class Baseline(nn.Module):
@@ -217,10 +217,11 @@ def run(name: str, args, *, steps: int | None, budget_s: float | None, horizon: 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from gseps_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  from gseps_jax import evaluator as eval_lib  # pylint: disable=g-import-not-at-top
   from gseps_jax import optim, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from gseps_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from gseps_jax.models import hf_import  # pylint: disable=g-import-not-at-top
+  from gseps_jax.interop import hf as hf_import  # pylint: disable=g-import-not-at-top
 
   config = make_config(name, args)
   if hasattr(pipeline, "resolve_dense_max_len"):
@@ -234,11 +235,11 @@ def run(name: str, args, *, steps: int | None, budget_s: float | None, horizon: 
   init_key, step_key = jax.random.split(key)
   params = flax.core.unfreeze(model.init(
       {"params": init_key, "dropout": init_key, "gumbel": init_key, "noise": init_key},
-      trainer.sample_batch(config), train=False)["params"])
+      state_lib.sample_batch(config), train=False)["params"])
   params["text_encoder"] = jax.tree.map(jnp.asarray, hf_import.load_hf_encoder(
       config.model.text_hf_dir)[1])
   tx, _, _ = optim.make_optimizer(config.optim, spe, params, total_steps=horizon)
-  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params))
   step_fn = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, config=config,
                                       steps_per_epoch=spe), donate_argnums=(0,))

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import roofline  # pylint: disable=g-import-not-at-top,wrong-import-position
 import seps_pairs  # pylint: disable=g-import-not-at-top,wrong-import-position
 import similarity as sim_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gseps_jax.models import sdtps  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gseps_jax.models import seps  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gseps_jax.models.similarity import (  # pylint: disable=g-import-not-at-top,wrong-import-position
     token_similarity, token_similarity_multi)
@@ -89,16 +90,12 @@ def seps_scores(ni, nc, rng, chunk):
   den = rng.normal(size=(nc, LD, D)).astype(np.float32)
   cl, dl = rng.integers(8, LT + 1, size=nc), rng.integers(40, LD + 1, size=nc)
   cm, dm = np.arange(LT) < cl[:, None], np.arange(LD) < dl[:, None]
-  head = seps.SEPSHead(num_aggregated=seps.num_aggregated(196, 0.4, 0.5), rho=0.5,
+  head = seps.SEPSHead(num_aggregated=sdtps.num_aggregated(196, 0.4, 0.5), rho=0.5,
                        dense_mode="parity")
   params = head.init(jax.random.key(0), img[:2], cap[:2], cm[:2], den[:2], dm[:2])
   fn = jax.jit(lambda *x: head.apply(params, *x, chunk=chunk))
   t_ours, ours = _time(fn, img, cap, cm, den, dm)
-  ag = params["params"]["aggr_net"]
-  tp = {k: torch.tensor(np.asarray(v)) for k, v in dict(
-      ln_w=ag["norm"]["scale"], ln_b=ag["norm"]["bias"], w1=np.asarray(ag["fc1"]["kernel"]).T,
-      b1=ag["fc1"]["bias"], w2=np.asarray(ag["fc2"]["kernel"]).T, b2=ag["fc2"]["bias"],
-      scale=ag["scale"]).items()}
+  tp = seps_pairs.torch_aggr_params(params["params"]["aggr_net"])
   t = time.perf_counter()
   base = seps_pairs.official_loop(torch.tensor(img), torch.tensor(cap), cl, torch.tensor(den), dl,
                                   tp, 0.5).numpy()

@@ -75,15 +75,15 @@ def variant_config(name: str, steps: int, base: str = "demo"):
 
 def rescore_levels(config, workdir: str) -> dict:
   """Test rSum of each level alone, from the checkpoint in `workdir` (no retraining)."""
-  from gseps_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  from gseps_jax import evaluator as eval_lib  # pylint: disable=g-import-not-at-top
   from gseps_jax import sharding  # pylint: disable=g-import-not-at-top
-  from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
+  from gseps_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   out = {}
   for level in ("ori", "key", "unc"):
     c = config.copy_and_resolve_references()
     c.model.grm.level_weights = {k: float(k == level) for k in ("ori", "key", "unc")}
     mesh = sharding.make_mesh(c.mesh)
-    c, model, params, _ = trainer.restore_params(workdir, mesh, c)
+    c, model, params, _ = state_lib.restore_params(workdir, mesh, c)
     m = eval_lib.Evaluator(c, model, mesh, split="test").run(params)
     out[level] = m["rsum"]
   return out
@@ -172,10 +172,10 @@ def saliency(workdir: str, num_images: int = 200) -> dict:
   learned saliency keeps objects and attribute words more often than the rest.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
+  from gseps_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from gseps_jax.explain import Explainer  # pylint: disable=g-import-not-at-top
-  config, model, params, _ = trainer.restore_params(workdir)
+  config, model, params, _ = state_lib.restore_params(workdir)
   ex = Explainer(config, model, params)
   size, patch = config.data.image_size, config.model.vision.patch_size
   attr_words = _attribute_words()

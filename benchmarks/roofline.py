@@ -49,6 +49,7 @@ if _ROOT not in sys.path:
 from configs import common  # pylint: disable=g-import-not-at-top
 from gseps_jax import models
 from gseps_jax import optim
+from gseps_jax import state as state_lib
 from gseps_jax import trainer
 from gseps_jax.models import seps as seps_lib
 from gseps_jax.models import similarity
@@ -178,7 +179,7 @@ def build_train_step(config, steps_per_epoch: int = 1000):
   The step is the project's `trainer.train_step` with the state donated, as in training.
   """
   model = models.build_model(config.model)
-  sample = trainer.sample_batch(config, batch_size=2)
+  sample = state_lib.sample_batch(config, batch_size=2)
   key = jax.random.key(config.seed)
   abstract_params = jax.eval_shape(
       lambda: model.init({"params": key, "dropout": key, "gumbel": key, "noise": key}, sample,
@@ -188,7 +189,7 @@ def build_train_step(config, steps_per_epoch: int = 1000):
   def init():
     rngs = dict(zip(("params", "dropout", "gumbel", "noise"), jax.random.split(key, 4)))
     params = model.init(rngs, sample, train=False)["params"]
-    return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=tx.init(params))
 
   step = functools.partial(trainer.train_step, model=model, tx=tx, config=config,
@@ -335,6 +336,14 @@ def _fmt_s(s: float) -> str:
   return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def _print_floors(floors: dict, middle: str) -> None:
+  """One line per chip: the bf16 / fp32 floors, `middle` (may name {compute}), the memory time."""
+  for chip, fl in floors.items():
+    mid = middle.format(compute=_fmt_s(fl.get("compute_bf16_s", 0.0)))
+    print(f"    {chip}: floor {_fmt_s(fl['floor_bf16_s'])} (bf16) / "
+          f"{_fmt_s(fl['floor_fp32_s'])} {mid}memory {_fmt_s(fl['memory_s'])}")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--json", default="", help="write the numbers to this file")
@@ -355,9 +364,7 @@ def main(argv=None):
       print(f"[train {name}] ViT-B/16-224 + BERT-base, batch {args.batch}: "
             f"{c['flops'] / 1e12:.2f} TFLOP, {c['bytes'] / 1e9:.1f} GB accessed, "
             f"{c['params'] / 1e6:.1f} M params (compile {c['compile_s']:.0f} s)")
-      for chip, fl in c["floors"].items():
-        print(f"    {chip}: floor {_fmt_s(fl['floor_bf16_s'])} (bf16) / "
-              f"{_fmt_s(fl['floor_fp32_s'])} (fp32 matmuls); memory {_fmt_s(fl['memory_s'])}")
+      _print_floors(c["floors"], "(fp32 matmuls); ")
 
   for name, fn in (("grm", grm_scoring_cost), ("seps", seps_scoring_cost)):
     c = fn(COCO5K_IMAGES, COCO5K_CAPTIONS)
@@ -367,10 +374,7 @@ def main(argv=None):
     print(f"[COCO-5K {name}] {c['pairs']:.3g} pairs = {c['n_tiles']} tiles of {c['tile']}: "
           f"{c['flops'] / 1e15:.3f} PFLOP ({c['flops_per_pair'] / 1e6:.2f} MFLOP/pair), "
           f"{c['bytes'] / 1e12:.2f} TB accessed")
-    for chip, fl in c["floors"].items():
-      print(f"    {chip}: floor {_fmt_s(fl['floor_bf16_s'])} (bf16) / "
-            f"{_fmt_s(fl['floor_fp32_s'])} (fp32); compute {_fmt_s(fl['compute_bf16_s'])}, "
-            f"memory {_fmt_s(fl['memory_s'])}")
+    _print_floors(c["floors"], "(fp32); compute {compute}, ")
 
   off = official_seps_pair_flops()
   total = off["pair"] * COCO5K_IMAGES * COCO5K_CAPTIONS

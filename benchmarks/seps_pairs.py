@@ -22,14 +22,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gseps_jax.interop import official_seps
+from gseps_jax.models import sdtps
 from gseps_jax.models import seps
 
 
+def torch_aggr_params(aggr_net) -> dict:
+  """Our `AggregationNet` params -> the official `TokenAggregation` state dict as torch tensors."""
+  return {k: torch.tensor(v) for k, v in official_seps.aggr_net_to_official(aggr_net).items()}
+
+
 def official_loop(img, cap, cap_len, den, den_len, p, rho, shard=256):
-  """Official-structured scorer. img [Ni, L, D], cap/den caption-aligned; p = torch params."""
+  """Official-structured scorer. img [Ni, L, D], cap/den caption-aligned; p = the official
+  `TokenAggregation` state dict (`torch_aggr_params`)."""
   def aggr(x):
-    h = F.layer_norm(x, x.shape[-1:], p["ln_w"], p["ln_b"], 1e-5)
-    return F.linear(F.gelu(F.linear(h, p["w1"], p["b1"])), p["w2"], p["b2"])
+    h = F.layer_norm(x, x.shape[-1:], p["weight.0.weight"], p["weight.0.bias"], 1e-5)
+    return F.linear(F.gelu(F.linear(h, p["weight.1.weight"], p["weight.1.bias"])),
+                    p["weight.3.weight"], p["weight.3.bias"])
 
   def branch(im, txt, n_word):
     x = im[:, 1:]
@@ -68,7 +77,7 @@ def main():
   a = ap.parse_args()
   ni, nc = max(1, round(1000 * a.scale)), max(1, round(5000 * a.scale))
   lv, lt, ld, d, rho, alpha = 197, 32, 90, 512, 0.5, 0.4
-  n_c = seps.num_aggregated(196, alpha, rho)
+  n_c = sdtps.num_aggregated(196, alpha, rho)
   print(f"sizes: {ni} images x {nc} captions = {ni * nc:,} pairs; tokens image {lv}, caption "
         f"{lt}, dense {ld}; D {d}; N_c {n_c}; our tile {tuple(a.chunk)}; "
         f"device {jax.devices()[0].platform}")
@@ -89,11 +98,7 @@ def main():
   print(f"ours (jit, lax.map tiles): {t_ours:.2f} s, {ni * nc / t_ours:,.0f} pairs/s")
   if a.skip_baseline:
     return
-  ag = params["params"]["aggr_net"]
-  tp = {k: torch.tensor(np.asarray(v)) for k, v in dict(
-      ln_w=ag["norm"]["scale"], ln_b=ag["norm"]["bias"], w1=np.asarray(ag["fc1"]["kernel"]).T,
-      b1=ag["fc1"]["bias"], w2=np.asarray(ag["fc2"]["kernel"]).T, b2=ag["fc2"]["bias"],
-      scale=ag["scale"]).items()}
+  tp = torch_aggr_params(params["params"]["aggr_net"])
   args = [torch.tensor(img), torch.tensor(cap), cl, torch.tensor(den), dl]
   official_loop(args[0][:2], args[1][:2], cl[:2], args[3][:2], dl[:2], tp, rho)  # warm-up
   t = time.perf_counter()

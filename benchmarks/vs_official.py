@@ -91,6 +91,7 @@ for _p in (_HERE, os.path.dirname(_HERE)):
 
 import _official  # pylint: disable=g-import-not-at-top
 import roofline
+from gseps_jax.interop import official_seps
 from gseps_jax.models import seps as seps_lib
 from gseps_jax.models import similarity
 
@@ -165,7 +166,9 @@ def bench_score(args, vse, cross_net_mod):
 
   head = seps_lib.SEPSHead(num_aggregated=net.keeped_patches, rho=opt.sparse_ratio,
                            dense_mode="parity")
-  params = {"aggr_net": jax.tree.map(jnp.asarray, _official.aggr_net_to_ours(net.aggr_net))}
+  official = {k: v.detach().cpu().numpy() for k, v in net.aggr_net.state_dict().items()}
+  params = {"aggr_net": jax.tree.map(jnp.asarray,
+                                     official_seps.aggr_net_from_official(official))}
   chunk = _pair(args.chunk)
   if args.repeat_dense:  # ours on the official caption-aligned layout (no sharing)
     j_args = [jnp.asarray(a) for a in (img, cap, cap_mask, den[cap_img], den_mask[cap_img])]

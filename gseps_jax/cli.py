@@ -41,8 +41,8 @@ _USER_ERROR_NAMES = (
     ("gseps_jax.trainer", "NonFiniteLossError"),
     ("gseps_jax.data.prepare", "NotPreparedError"),
     ("gseps_jax.data.karpathy", "DataFormatError"),
-    ("gseps_jax.export", "ExportError"),
-    ("gseps_jax.retrieve", "IndexMismatchError"),
+    ("gseps_jax.interop.common", "ExportError"),
+    ("gseps_jax.search.index", "IndexMismatchError"),
     ("configs.common", "ConfigError"),
 )
 _BASE_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,

@@ -1,258 +1,36 @@
 r"""Retrieval evaluation: `python -m gseps_jax.evaluate --checkpoint=WORKDIR --protocol=flickr1k`.
 
-Encodes every image and caption of a split once (batched, sharded over the mesh), scores all
-image x caption pairs on device with the model's tiled scorer under `jax.jit` (GRM: three kernel
-calls on precomputed token sets; SEPS: caption-dependent selection per tile), then computes
-R@1/5/10, median/mean rank and rSum. The same `Evaluator` runs inside the training loop.
+Restores a checkpoint (`state.restore_params`) and runs the `evaluator.Evaluator` on a split:
+every image and caption encoded once, all pairs scored on device with the model's tiled scorer
+(GRM: three kernel calls on precomputed token sets; SEPS: caption-dependent selection per tile),
+then R@1/5/10, median/mean rank and rSum. The same `Evaluator` runs inside the training loop.
 
-Protocols: flickr1k (whole 1K test), full (every pair of the split, any size), coco1k (mean over the 5 folds of 1,000 images), coco5k
-(whole 5K test), all (coco1k and coco5k). SEPS: `--dense_mode=honest` (the dense caption
-describes the candidate image) or `parity` (the official code's behaviour: the caption's own
-ground-truth dense caption — leaks the answer; reported as such); default: the mode the
-checkpoint was trained with. `--dense_shuffle` (leak audit) also scores both modes with the
-dense captions permuted among the images and reports the rSum drop next to the unshuffled rSum.
+Protocols: flickr1k (whole 1K test), full (every pair of the split, any size), coco1k (mean over
+the 5 folds of 1,000 images), coco5k (whole 5K test), all (coco1k and coco5k). SEPS:
+`--dense_mode=honest` (the dense caption describes the candidate image) or `parity` (the official
+code's behaviour: the caption's own ground-truth dense caption — leaks the answer; reported as
+such); default: the mode the checkpoint was trained with. `--dense_shuffle` (leak audit) also
+scores both modes with the dense captions permuted among the images and reports the rSum drop next
+to the unshuffled rSum.
 """
 
-import functools
 import json
-import logging
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags
 from etils import epath
-from jax import shard_map
-from jax.sharding import PartitionSpec as P
 
-from gseps_jax import metrics as metrics_lib
+from gseps_jax import checkpoint as ckpt_lib
+from gseps_jax import cli
+from gseps_jax import evaluator as evaluator_lib
+from gseps_jax import fileio
 from gseps_jax import sharding
-
-log = logging.getLogger(__name__)
-
-PROTOCOLS = ("flickr1k", "coco1k", "coco5k", "all", "full")
-
-
-def _pad_rows(x, multiple):
-  n = x.shape[0]
-  pad = (-n) % multiple
-  if pad:
-    x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
-  return x
-
-
-def format_table(m: dict, title: str = "") -> str:
-  cols = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-  head = " | ".join(f"{c:>7}" for c in cols)
-  row = " | ".join(f"{m[c]:7.2f}" for c in cols)
-  lines = [title, head, row] if title else [head, row]
-  return "\n".join(lines)
-
-
-def _gather(x):
-  """Per-process-sharded features -> the full host array on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def keep_ratios(img, txt) -> dict:
-  """GRM's evaluation keep ratios: kept / valid tokens over the split, for features carrying
-  'key_mask' and 'ori_mask' (keep_ratio_img, keep_ratio_txt); {} for other models."""
-  out = {}
-  for name, f in (("img", img), ("txt", txt)):
-    if isinstance(f, dict) and "key_mask" in f and "ori_mask" in f:
-      valid = np.asarray(f["ori_mask"], bool)
-      out[f"keep_ratio_{name}"] = float(
-          np.sum(np.asarray(f["key_mask"], bool) & valid) / max(int(valid.sum()), 1))
-  return out
-
-
-class Evaluator:
-  """Encodes a split once and scores all image x caption pairs on the mesh.
-
-  `run(params) -> dict` is what both the CLI and the training loop call.
-  """
-
-  def __init__(self, config, model, mesh, *, split: str, protocol: str | None = None,
-               dense_mode: str | None = None, chunk: int | None = None, batch_size=None):
-    from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    self.config, self.model, self.mesh = config, model, mesh
-    self.split = split
-    self.protocol = protocol or config.eval.protocol
-    if self.protocol not in PROTOCOLS:
-      raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {self.protocol!r}.")
-    self.dense_mode = dense_mode or config.eval.dense_mode
-    self.chunk = chunk or config.eval.chunk
-    self.batch_size = batch_size or config.eval.batch_size
-    self.source = pipeline.open_split(config.data, split)
-    self.tok = pipeline.tokenizer_from_config(config)
-    self.pp = pipeline.Preprocess.from_config(config.data)
-    self.num_workers = config.data.get("num_workers", 0)
-    self.num_images = len(self.source)
-    self.captions_per_image = 5
-    self.num_captions = self.num_images * self.captions_per_image
-    ndev = mesh.devices.size
-    self.batch_size = -(-self.batch_size // ndev) * ndev  # whole batches per device
-    self.uses_dense = config.model.name == "seps" and config.model.seps.use_dense
-    if self.uses_dense and split == "dev" and not config.eval.get("dev_use_dense", True):
-      # Flickr30K/COCO ship no dense captions for dev: select models on the sparse branch
-      # (same parameters, dense branch off), as the SEPS configs document.
-      from gseps_jax import models  # pylint: disable=g-import-not-at-top
-      sparse_cfg = config.model.copy_and_resolve_references()
-      sparse_cfg.seps.use_dense = False
-      model = models.build_model(sparse_cfg)
-      self.model = model
-      self.uses_dense = False
-    # A frozen pretrained text tower: its features come from the split's cache (built once).
-    from gseps_jax.data import text_cache  # pylint: disable=g-import-not-at-top
-    self.text_cache = text_cache.for_split(config, self.source, split, tok=self.tok)
-    self.dense_cache = (text_cache.for_split(config, self.source, split, kind="dense",
-                                             tok=self.tok) if self.uses_dense else None)
-    opts = sharding.compiler_options(config)
-    self._encode_img = jax.jit(functools.partial(model.apply, method="encode_images"),
-                               compiler_options=opts)
-    self._encode_txt = jax.jit(functools.partial(model.apply, method="encode_texts"),
-                               compiler_options=opts)
-    self._scorers = {}  # dense_mode -> jitted scorer
-
-  # -- encoding -------------------------------------------------------------------------------
-  def _encode(self, params, batches, jobs, n):
-    """Runs each `(fn, keys)` job over this process's slices of the global batches; returns one
-    host feature tree [n, ...] per job, in dataset order on every process (positions are
-    contiguous, so the padding is only at the end)."""
-    bs = sharding.batch_sharding(self.mesh)
-    out = [[] for _ in jobs]
-    for batch in batches:
-      for acc, (fn, keys) in zip(out, jobs):
-        arrays = [jax.make_array_from_process_local_data(bs, np.asarray(batch[k])) for k in keys]
-        acc.append(jax.tree.map(_gather, fn({"params": params}, *arrays)))
-    return [jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[:n], *acc) for acc in out]
-
-  def encode(self, params):
-    """Host features (images, captions, dense captions or None), each in dataset order."""
-    from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    kw = dict(global_batch_size=self.batch_size, num_workers=self.num_workers)
-    jobs = [(self._encode_img, ["image"])]
-    if self.uses_dense:
-      jobs.append((self._encode_txt, ["dense_ids", "dense_mask"]
-                   + (["dense_hidden"] if self.dense_cache is not None else [])))
-    img_out = self._encode(params, pipeline.eval_image_batches(
-        self.source, self.tok, self.pp, dense_cache=self.dense_cache, **kw), jobs,
-                           self.num_images)
-    (txt,) = self._encode(params, pipeline.eval_caption_batches(
-        self.source, self.tok, self.pp, text_cache=self.text_cache, **kw),
-                          [(self._encode_txt, ["input_ids", "attention_mask"]
-                            + (["text_hidden"] if self.text_cache is not None else []))],
-                          self.num_captions)
-    return img_out[0], txt, (img_out[1] if self.uses_dense else None)
-
-  # -- scoring --------------------------------------------------------------------------------
-  def _make_scorer(self, mode):
-    """jit(shard_map): each device scores its rows of images against every caption."""
-    rows = P(sharding.BATCH_AXES)
-    parity = self.uses_dense and mode == "parity"
-    dense_spec = P() if parity else rows
-    model, chunk = self.model, self.chunk
-
-    def local(params, img, txt, dense, caption_image):
-      kw = {}
-      if self.config.model.name == "seps":
-        kw = dict(dense_mode=mode, caption_image=caption_image if parity else None)
-      return model.apply({"params": params}, img, txt, dense, chunk=chunk, method="score", **kw)
-
-    def scorer(params, img, txt, dense, caption_image):
-      f = shard_map(local, mesh=self.mesh,
-                    in_specs=(P(), rows, P(), dense_spec, P()),
-                    out_specs=rows, check_vma=False)
-      return f(params, img, txt, dense, caption_image)
-
-    return jax.jit(scorer, compiler_options=sharding.compiler_options(self.config))
-
-  def scores(self, params, feats=None, *, dense_mode=None) -> jax.Array:
-    """[n_images, n_captions] scores as a jax.Array whose rows are sharded over the mesh
-    (`dense_mode`: default the evaluator's)."""
-    mode = dense_mode or self.dense_mode
-    img, txt, dense = feats if feats is not None else self.encode(params)
-    ni = self.num_images
-    ndev = self.mesh.devices.size
-    img = jax.tree.map(lambda a: _pad_rows(a, ndev), img)
-    if dense is not None and not (mode == "parity"):
-      dense = jax.tree.map(lambda a: _pad_rows(a, ndev), dense)
-    caption_image = np.arange(self.num_captions, dtype=np.int32) // self.captions_per_image
-    if mode not in self._scorers:
-      self._scorers[mode] = self._make_scorer(mode)
-    sims = self._scorers[mode](params, img, txt, dense, caption_image)
-    return sims[:ni]
-
-  def leak_audit(self, params, *, seed: int = 0) -> dict:
-    """Dense-caption leak audit: every dense mode scored with the dense captions as indexed and
-    with them permuted among the images (`dense_derangement(seed)`: no image keeps its own).
-
-    Parity pairs each caption with its ground-truth image's dense caption, so shuffling shows
-    how much of its score comes from that answer; honest guides image i by dense_i, so shuffling
-    shows how much the image-side description helps. The captions and images are encoded once;
-    the permutation moves the encoded dense captions (each is encoded on its own, so this equals
-    permuting the texts).
-
-    Returns:
-      {"seed", "derangement": True, "<mode>": {"unshuffled": metrics, "shuffled": metrics,
-       "rsum_drop": unshuffled - shuffled rSum, "max_abs_score_change": max |S - S_shuffled|}
-       for mode in parity, honest}.
-    """
-    if not self.uses_dense:
-      raise ValueError(
-          "--dense_shuffle needs a SEPS model with a dense branch evaluated on a split with "
-          f"dense captions (model {self.config.model.name!r}, split {self.split!r}; dev has "
-          "none unless config.eval.dev_use_dense).")
-    feats = self.encode(params)
-    img, txt, dense = feats
-    perm = dense_derangement(self.num_images, seed)
-    shuffled = (img, txt, jax.tree.map(lambda a: np.asarray(a)[perm], dense))
-    out = {"seed": int(seed), "derangement": True}
-    for mode in ("parity", "honest"):
-      sims = {name: self.scores(params, f, dense_mode=mode)
-              for name, f in (("unshuffled", feats), ("shuffled", shuffled))}
-      res = {name: self._metrics(s) for name, s in sims.items()}
-      res["rsum_drop"] = _rsum(res["unshuffled"]) - _rsum(res["shuffled"])
-      res["max_abs_score_change"] = float(jnp.max(jnp.abs(sims["unshuffled"] - sims["shuffled"])))
-      out[mode] = res
-    return out
-
-  def _metrics(self, sims) -> dict:
-    cpi = self.captions_per_image
-    if self.protocol in ("flickr1k", "coco5k", "full"):
-      out = metrics_lib.retrieval_metrics(sims, cpi)
-    elif self.protocol == "coco1k":
-      out = metrics_lib.coco_1k_folds(sims, cpi)
-    else:  # all
-      out = {f"5k_{k}": v for k, v in metrics_lib.retrieval_metrics(sims, cpi).items()}
-      out.update(metrics_lib.coco_1k_folds(sims, cpi))
-    return {k: float(v) for k, v in out.items()}
-
-  def run(self, params, *, save_scores: str | None = None) -> dict:
-    t0 = time.time()
-    feats = self.encode(params)
-    t1 = time.time()
-    sims = self.scores(params, feats)
-    sims.block_until_ready()
-    t2 = time.time()
-    out = self._metrics(sims)
-    out.update(keep_ratios(feats[0], feats[1]))
-    out.update(encode_seconds=t1 - t0, score_seconds=t2 - t1, num_images=self.num_images,
-               num_captions=self.num_captions)
-    if save_scores and jax.process_index() == 0:
-      with epath.Path(save_scores).open("wb") as f:
-        np.save(f, _gather(sims))
-    return out
-
+from gseps_jax import state as state_lib
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Training workdir or WORKDIR/checkpoints/STEP.")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
-_PROTOCOL = flags.DEFINE_enum("protocol", None, PROTOCOLS, "Evaluation protocol (default: the "
-                              "config's eval.protocol).")
+_PROTOCOL = flags.DEFINE_enum("protocol", None, evaluator_lib.PROTOCOLS, "Evaluation protocol "
+                              "(default: the config's eval.protocol).")
 _DENSE = flags.DEFINE_enum("dense_mode", None, ("honest", "parity"), "SEPS dense-caption "
                            "mode (default: the mode the model was trained with; parity = the "
                            "official, answer-leaking evaluation).")
@@ -268,55 +46,25 @@ _CHUNK = flags.DEFINE_integer("chunk", None, "Pair tile size (default: config ev
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
 
 
-def dense_derangement(n: int, seed: int) -> np.ndarray:
-  """`[n]` permutation without fixed points (n >= 2): one n-cycle through a seeded random order,
-  so image order[k] gets the dense caption of image order[k + 1]."""
-  if n < 2:
-    raise ValueError(f"--dense_shuffle needs at least 2 images, got {n}.")
-  order = np.random.default_rng([int(seed), 0x5EB5]).permutation(n)
-  perm = np.empty(n, np.int64)
-  perm[order] = np.roll(order, -1)
-  return perm
-
-
-def _rsum(m: dict) -> float:
-  return m["rsum"] if "rsum" in m else m["5k_rsum"]
-
-
-def format_audit(audit: dict) -> str:
-  """The leak audit as a table: rSum per dense mode, unshuffled / shuffled / drop."""
-  lines = [f"dense-caption leak audit (dense captions permuted among images, seed "
-           f"{audit['seed']})", f"{'dense_mode':>10} | {'rsum':>7} | {'shuffled':>8} | "
-           f"{'drop':>7}"]
-  for mode in ("parity", "honest"):
-    r = audit[mode]
-    lines.append(f"{mode:>10} | {_rsum(r['unshuffled']):7.2f} | {_rsum(r['shuffled']):8.2f} | "
-                 f"{r['rsum_drop']:7.2f}")
-  return "\n".join(lines)
-
-
 def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode=None, out=None,
                         save_scores=False, chunk=None, data_dir=None, dense_shuffle=False,
                         dense_shuffle_seed=0) -> dict:
   """Evaluates a checkpoint; `dense_mode=None` = the mode it was trained with (SEPS);
   `dense_shuffle` adds the leak audit (`Evaluator.leak_audit`) to results.json and the output."""
-  from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
-  from gseps_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   config, step, _ = ckpt_lib.load_config_from_checkpoint(path)
   if data_dir:
     config.data.data_dir = data_dir
   mesh = sharding.make_mesh(config.mesh)
-  config, model, params, step = trainer.restore_params(path, mesh, config)
-  if dense_mode is None and config.model.name == "seps":
-    dense_mode = config.model.seps.get("dense_mode")  # evaluated as trained
-  ev = Evaluator(config, model, mesh, split=split, protocol=protocol, dense_mode=dense_mode,
-                 chunk=chunk)
+  config, model, params, step = state_lib.restore_params(path, mesh, config)
+  trained_mode = model.trained_dense_mode  # None for a model without dense captions
+  ev = evaluator_lib.Evaluator(config, model, mesh, split=split, protocol=protocol,
+                              dense_mode=dense_mode or trained_mode,  # evaluated as trained
+                              chunk=chunk)
   workdir, _ = ckpt_lib.resolve(path)
   out = epath.Path(out) if out else workdir / f"eval_{split}"
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
   m = ev.run(params, save_scores=str(out / "scores.npy") if save_scores else None)
-  trained_mode = (config.model.seps.get("dense_mode") if config.model.name == "seps" else None)
   result = {"metrics": m, "protocol": ev.protocol, "split": split, "checkpoint_step": step,
             "model": config.model.name,
             "dense_mode": ev.dense_mode if ev.uses_dense else None,
@@ -325,21 +73,19 @@ def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode=None, o
   if dense_shuffle:
     result["leak_audit"] = ev.leak_audit(params, seed=dense_shuffle_seed)
   if jax.process_index() == 0:
-    from gseps_jax import fileio  # pylint: disable=g-import-not-at-top
     fileio.atomic_write_text(out / "results.json", json.dumps(result, indent=2))
     mode = f", dense_mode={ev.dense_mode}" if ev.uses_dense else ""
-    print(format_table(m if "rsum" in m else {k[3:]: v for k, v in m.items()},
-                       title=f"{config.model.name} {split} {ev.protocol} (step {step}{mode})"))
+    table = m if "rsum" in m else {k[3:]: v for k, v in m.items()}
+    print(evaluator_lib.format_table(
+        table, title=f"{config.model.name} {split} {ev.protocol} (step {step}{mode})"))
     if dense_shuffle:
-      print(format_audit(result["leak_audit"]))
-    print(f"encode {m['encode_seconds']:.1f}s, score {m['score_seconds']:.1f}s -> {out}/results.json")
+      print(evaluator_lib.format_audit(result["leak_audit"]))
+    print(f"encode {m['encode_seconds']:.1f}s, score {m['score_seconds']:.1f}s -> "
+          f"{out}/results.json")
   return result
 
 
 def main(argv):
-  from gseps_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from gseps_jax import cli  # pylint: disable=g-import-not-at-top
-  from gseps_jax import fileio  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments {argv[1:]}: flags are written --name=value.")
   if _CHUNK.value is not None and _CHUNK.value < 1:
@@ -364,5 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from gseps_jax import cli as _cli  # pylint: disable=g-import-not-at-top
-  _cli.run_absl(main, required=("checkpoint",))
+  cli.run_absl(main, required=("checkpoint",))

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from gseps_jax.models import sdtps
+
 DPI = 100
 PANEL_IN = 3.0  # inches; PANEL_IN * DPI is an integer so the PNG size is exact
 PANEL_PX = int(PANEL_IN * DPI)
@@ -44,34 +46,13 @@ MIN_COLUMNS = 4  # image, kept patches, word labels, word table
 
 
 # ---------------------------------------------------------------------------------------------
-# Model internals (pure functions passed to `model.apply(..., method=...)`).
-
-
-def _grm_image_parts(module, images):
-  """GRM image branch in eval mode -> tokens, SA keep mask/probability, Â, log sigma^2."""
-  b = module.image_branch(images, False)
-  return {"tokens": b["v"], "keep": b["sa"]["keep"], "keep_prob": b["sa"]["prob"],
-          "attn": b["attn"], "logvar": b["logvar"]}
-
-
-def _grm_text_parts(module, input_ids, attention_mask):
-  b = module.text_branch(input_ids, attention_mask, False)
-  return {"tokens": b["t"], "keep": b["ga"]["keep"]}
-
-
-def _seps_image_parts(module, images):
-  """SEPS projected image tokens -> the head's per-image cache (cls, x, xn, self_attn, logits)."""
-  tokens = module.encode_images(images)["tokens"]
-  return module.cross_net.prepare_images(tokens)
-
-
-def _seps_text_parts(module, input_ids, attention_mask):
-  t = module.encode_texts(input_ids, attention_mask)
-  return module.cross_net.prepare_texts(t["tokens"], t["mask"])
+# Model internals: `model.explain_image` / `model.explain_text` (eval mode) give the arrays; the
+# model's `explain_kind` says which picture they make ('regions': GRM's saliency keep mask and
+# region maps; 'selection': SEPS's top-K patch selection).
 
 
 def seps_selection(img: dict, glo: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """The SEPS head's patch selection (as `seps.sdtps_tokens`): score and top-k keep mask.
+  """The SEPS head's patch selection (as `sdtps.sdtps_tokens`): score and top-k keep mask.
 
   Args:
     img: per-image cache of `SEPSHead.prepare_images` for Ni images (xn `[Ni, N, D]`,
@@ -83,10 +64,9 @@ def seps_selection(img: dict, glo: jax.Array, k: int) -> tuple[jax.Array, jax.Ar
     score `[Ni, N]` = cos(x_n, mean x) + cos(x_n, text mean); keep `[Ni, N]` bool, the k highest
     (ties: lower index first, as `lax.top_k`).
   """
-  from gseps_jax.models import seps  # pylint: disable=g-import-not-at-top
   score = img["self_attn"] + jnp.einsum("ind,id->in", img["xn"], glo,
                                         precision=jax.lax.Precision.HIGHEST)
-  return score, seps.topk_keep(score, k)
+  return score, sdtps.topk_keep(score, k)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -134,17 +114,21 @@ class Explainer:
     from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     from gseps_jax.models import encoders  # pylint: disable=g-import-not-at-top
     self.config, self.model, self.params = config, model, params
-    self.name = config.model.name
-    if self.name not in ("grm", "seps"):
-      raise ValueError(f"explain supports grm and seps models, got {self.name!r}.")
+    self.name = config.model.name  # titles only
+    self.kind = getattr(model, "explain_kind", None)
+    if self.kind not in _KIND_ARRAYS:
+      raise ValueError(f"explain draws {sorted(_KIND_ARRAYS)} models; {self.name!r} declares "
+                       f"explain_kind={self.kind!r}.")
     self.tok = tokenizer or pipeline.tokenizer_from_config(config)
     self.pp = pipeline.Preprocess.from_config(config.data)
     self.grid = tuple(int(g) for g in encoders.encoder_grid(config.model.vision,
                                                             self.pp.image_size))
-    parts = ((_grm_image_parts, _grm_text_parts) if self.name == "grm"
-             else (_seps_image_parts, _seps_text_parts))
-    self._image_fn = jax.jit(functools.partial(model.apply, method=parts[0]))
-    self._text_fn = jax.jit(functools.partial(model.apply, method=parts[1]))
+    self._image_fn = jax.jit(functools.partial(model.apply, method="explain_image"))
+    self._text_fn = jax.jit(functools.partial(model.apply, method="explain_text"))
+
+  def text_parts(self, ids: np.ndarray, mask: np.ndarray) -> dict:
+    """`model.explain_text` of tokenised texts `[N, L]` (on device)."""
+    return self._text_fn({"params": self.params}, ids, mask)
 
   # -- arrays ---------------------------------------------------------------------------------
   def _words(self, ids: np.ndarray, mask: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -166,38 +150,11 @@ class Explainer:
       raise ValueError(f"The caption {text!r} has no word tokens.")
     gh, gw = self.grid
     img = jax.device_get(self._image_fn({"params": self.params}, x))
-    txt = jax.device_get(self._text_fn({"params": self.params}, ids, mask))
+    txt = jax.device_get(self.text_parts(ids, mask))
     out = {"image": shown, "grid": (gh, gw), "text": text, "words": words,
            "word_positions": pos}
-    if self.name == "grm":
-      tokens = img["tokens"][0]  # [L, E]
-      c = tokens.shape[0] - gh * gw
-      keep = img["keep"][0].astype(bool)
-      attn = img["attn"][0]  # [L, K]
-      out.update(
-          kept_tokens=keep, kept_patches=keep[c:].reshape(gh, gw),
-          keep_prob=img["keep_prob"][0, c:].reshape(gh, gw),
-          region_attention=attn[c:].T.reshape(-1, gh, gw),
-          region_attention_cls=attn[:c].sum(0) if c else np.zeros(attn.shape[1], attn.dtype),
-          region_sigma=np.exp(0.5 * img["logvar"][0]).mean(-1),
-          text_kept=txt["keep"][0][pos].astype(bool))
-      patches, word_vecs = _normalize(tokens[c:]), _normalize(txt["tokens"][0][pos])
-    else:
-      from gseps_jax.models import seps  # pylint: disable=g-import-not-at-top
-      n = img["x"].shape[1]
-      if n != gh * gw:
-        raise ValueError(f"SEPS image tokens have {n} patches, expected a {gh}x{gw} grid.")
-      k = seps.num_kept(n, self.config.model.seps.rho)
-      score, keep = seps_selection(img, txt["glo"], k)
-      out.update(k=k, kept_tokens=np.asarray(keep[0]),
-                 kept_patches=np.asarray(keep[0]).reshape(gh, gw),
-                 selection_score=np.asarray(score[0]).reshape(gh, gw), dense_kept_patches=None)
-      if dense_caption:
-        d_ids, d_mask = self.tok.encode_batch([dense_caption], self.pp.dense_max_len)
-        dense = jax.device_get(self._text_fn({"params": self.params}, d_ids, d_mask))
-        _, d_keep = seps_selection(img, dense["glo"], k)
-        out["dense_kept_patches"] = np.asarray(d_keep[0]).reshape(gh, gw)
-      patches, word_vecs = img["xn"][0], txt["words"][0][pos]
+    arrays, patches, word_vecs = _KIND_ARRAYS[self.kind](self, img, txt, pos, dense_caption)
+    out.update(arrays)
     cos = word_vecs @ patches.T  # [n_words, N]
     out["word_patch"] = np.argmax(cos, axis=-1)
     out["word_patch_cos"] = np.max(cos, axis=-1)
@@ -215,6 +172,48 @@ class Explainer:
     if out is None:
       return fig, arrays
     return save_png(fig, out), arrays
+
+
+def _region_arrays(ex: Explainer, img: dict, txt: dict, pos: np.ndarray, dense_caption):
+  """GRM ('regions'): SA keep mask and probability, region maps and sigmas, GA keep mask.
+  Returns (arrays, normalised patch tokens [N, E], normalised word tokens [n_words, E])."""
+  del dense_caption  # GRM reads no dense captions
+  gh, gw = ex.grid
+  tokens = img["tokens"][0]  # [L, E]
+  c = tokens.shape[0] - gh * gw
+  keep = img["keep"][0].astype(bool)
+  attn = img["attn"][0]  # [L, K]
+  arrays = dict(
+      kept_tokens=keep, kept_patches=keep[c:].reshape(gh, gw),
+      keep_prob=img["keep_prob"][0, c:].reshape(gh, gw),
+      region_attention=attn[c:].T.reshape(-1, gh, gw),
+      region_attention_cls=attn[:c].sum(0) if c else np.zeros(attn.shape[1], attn.dtype),
+      region_sigma=np.exp(0.5 * img["logvar"][0]).mean(-1),
+      text_kept=txt["keep"][0][pos].astype(bool))
+  return arrays, _normalize(tokens[c:]), _normalize(txt["tokens"][0][pos])
+
+
+def _selection_arrays(ex: Explainer, img: dict, txt: dict, pos: np.ndarray, dense_caption):
+  """SEPS ('selection'): the top-K patches for the caption (and for `dense_caption`) and the
+  selection score. Returns (arrays, normalised patches [N, D], normalised words [n_words, D])."""
+  gh, gw = ex.grid
+  n = img["x"].shape[1]
+  if n != gh * gw:
+    raise ValueError(f"SEPS image tokens have {n} patches, expected a {gh}x{gw} grid.")
+  k = sdtps.num_kept(n, ex.model.rho)
+  score, keep = seps_selection(img, txt["glo"], k)
+  arrays = dict(k=k, kept_tokens=np.asarray(keep[0]),
+                kept_patches=np.asarray(keep[0]).reshape(gh, gw),
+                selection_score=np.asarray(score[0]).reshape(gh, gw), dense_kept_patches=None)
+  if dense_caption:
+    d_ids, d_mask = ex.tok.encode_batch([dense_caption], ex.pp.dense_max_len)
+    dense = jax.device_get(ex.text_parts(d_ids, d_mask))
+    _, d_keep = seps_selection(img, dense["glo"], k)
+    arrays["dense_kept_patches"] = np.asarray(d_keep[0]).reshape(gh, gw)
+  return arrays, img["xn"][0], txt["words"][0][pos]
+
+
+_KIND_ARRAYS = {"regions": _region_arrays, "selection": _selection_arrays}
 
 
 def explain(config, model, params, image, text: str, *, out=None,
@@ -265,7 +264,9 @@ def _outline(ax, mask, color):
 
 def draw(arrays: dict, model_name: str):
   """Figure of the arrays: row 0 image | kept patches | word labels | word table; row 1 the K
-  region maps with sigma (GRM) or the selection score and dense-guided selection (SEPS)."""
+  region maps with sigma ('regions' arrays, GRM) or the selection score and dense-guided
+  selection ('selection' arrays, SEPS). `model_name` titles the figure."""
+  regions = "region_attention" in arrays
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   ncols = num_columns(arrays)
@@ -285,7 +286,7 @@ def draw(arrays: dict, model_name: str):
   ax = axes[0, 1]
   ax.set_axis_on()
   n_kept = int(kept.sum())
-  if model_name == "grm":
+  if regions:
     extra = ""
     if len(arrays["kept_tokens"]) > gh * gw:
       extra = ", CLS " + ("kept" if arrays["kept_tokens"][0] else "dropped")
@@ -320,7 +321,7 @@ def draw(arrays: dict, model_name: str):
   ax.text(0.0, 1.0, "word  (row,col)  cos\n" + "\n".join(shown), va="top", ha="left",
           family="monospace", fontsize=6.5, transform=ax.transAxes)
 
-  if model_name == "grm":
+  if regions:
     att, sig = arrays["region_attention"], arrays["region_sigma"]
     for k in range(len(att)):
       ax = axes[1, k]

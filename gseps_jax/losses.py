@@ -1,4 +1,5 @@
-"""Retrieval losses shared by GRM and SEPS, and GRM's auxiliary losses. All pure functions.
+"""Retrieval losses shared by GRM and SEPS, and GRM's auxiliary losses (`grm_aux`, from the named
+intermediates of the GRM head). All pure functions.
 
 Score matrices are `[B, B]` with row = image i, column = caption j; the positive pair of row i is
 column i. `image_ids [B]` names the image behind each row/caption: captions whose image id equals
@@ -187,6 +188,68 @@ def entropy_floor_loss(attn: jax.Array, floor: Optional[float]) -> jax.Array:
   if floor is None:
     return entropy_loss(attn)
   return jnp.mean(jax.nn.relu(floor - column_entropy(attn)))
+
+
+def keep_ratio(mask: jax.Array, valid: jax.Array) -> jax.Array:
+  """Mean keep weight over the valid tokens of the batch (forward: the fraction kept)."""
+  mask = jnp.where(valid, mask.astype(jnp.float32), 0.0)
+  return jnp.sum(mask) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def keep_penalty(mask: jax.Array, valid: jax.Array, target: float) -> jax.Array:
+  """DynamicViT's ratio loss: mean over items of (keep ratio of the item - target)^2.
+
+  Args:
+    mask: `[B, L]` keep weights (straight-through: the forward ratio is the hard one, the
+      gradient reaches the soft keep probabilities).
+    valid: `[B, L]` bool.
+    target: the wanted fraction of valid tokens kept.
+
+  Returns:
+    scalar; items without a valid token count 0.
+  """
+  n = jnp.sum(valid, axis=-1)
+  r = jnp.sum(jnp.where(valid, mask.astype(jnp.float32), 0.0), axis=-1) / jnp.maximum(n, 1)
+  return jnp.mean(jnp.where(n > 0, jnp.square(r - target), 0.0))
+
+
+def grm_aux(inter: Mapping[str, Any], *, keep_target: float, keep_img: bool, keep_txt: bool,
+            entropy_floor: Optional[float]) -> dict:
+  """GRM's auxiliary losses and metrics from the named intermediates of its training head.
+
+  Args:
+    inter: 'img_tokens' `[B, Lv, E]` V, 'img_valid' `[B, Lv]` bool, 'img_mask' `[B, Lv]` SA keep
+      weights, 'txt_valid' `[B, Lt]`, 'txt_mask' `[B, Lt]` GA keep weights; with region prompts
+      'region_attn' `[B, Lv, K]` Â, 'region_means' `[B, K, E]` mu, 'region_stats' (scalars
+      region_entropy / region_cos / region_mean_cos) and, with uncertainty, 'region_logvar'
+      `[B, K, E]`; absent (None) entries are components switched off.
+    keep_target: the keep ratio the penalty pulls towards.
+    keep_img, keep_txt: whether SA / GA decide (else their penalty is 0).
+    entropy_floor: the bound of the entropy loss (`entropy_floor_loss`).
+
+  Returns:
+    scalars 'recon', 'kl', 'ent', 'div', 'keep' (0 for a component switched off) and the
+    metrics 'keep_ratio_img', 'keep_ratio_txt', 'region_entropy', 'region_cos',
+    'region_mean_cos'.
+  """
+  zero = jnp.zeros((), jnp.float32)
+  w_img, w_txt = inter["img_mask"], inter["txt_mask"]
+  aux = {
+      "recon": zero, "kl": zero, "ent": zero, "div": zero,
+      "keep": (keep_penalty(w_img, inter["img_valid"], keep_target) if keep_img else zero)
+              + (keep_penalty(w_txt, inter["txt_valid"], keep_target) if keep_txt else zero),
+      "keep_ratio_img": keep_ratio(w_img, inter["img_valid"]),
+      "keep_ratio_txt": keep_ratio(w_txt, inter["txt_valid"]),
+      "region_entropy": zero, "region_cos": zero, "region_mean_cos": zero,
+  }
+  if inter.get("region_attn") is not None:
+    aux.update(inter["region_stats"])
+    aux["recon"] = recon_loss(inter["region_means"], inter["img_tokens"], w_img)
+    aux["ent"] = entropy_floor_loss(inter["region_attn"], entropy_floor)
+    aux["div"] = inter["region_stats"]["region_cos"]
+    if inter.get("region_logvar") is not None:
+      aux["kl"] = kl_loss(inter["region_logvar"])
+  return aux
 
 
 # ----------------------------------------------------------------------------- combination

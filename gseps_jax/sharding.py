@@ -103,3 +103,17 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
+
+
+def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+  """`[m, ...]` host array -> `[n, ...]` (n >= m >= 1) by repeating the last row: padded rows are
+  valid inputs (no NaNs from all-zero masks) and are sliced off the results."""
+  x = np.asarray(x)
+  if len(x) == n:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)], axis=0)
+
+
+def pad_rows_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
+  """`pad_rows` to the next multiple of `multiple` rows (e.g. the device count)."""
+  return pad_rows(x, -(-len(x) // multiple) * multiple)

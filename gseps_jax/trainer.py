@@ -13,9 +13,7 @@ import logging
 import math
 import signal
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,20 +21,16 @@ import optax
 from etils import epath
 
 from gseps_jax import checkpoint as ckpt_lib
+from gseps_jax import evaluator as evaluator_lib
 from gseps_jax import fileio
 from gseps_jax import losses
+from gseps_jax import metrics_log
 from gseps_jax import models
 from gseps_jax import optim
 from gseps_jax import sharding
+from gseps_jax import state as state_lib
 
 log = logging.getLogger(__name__)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -45,8 +39,8 @@ class NonFiniteLossError(FloatingPointError):
 
 def loss_fn(params, batch, rng, step, *, model, config, steps_per_epoch):
   """Scalar loss and metrics for one batch (pure; `step` is a traced int)."""
-  rngs = dict(zip(("dropout", "gumbel", "noise"), jax.random.split(rng, 3)))
-  sims, aux = model.apply({"params": params}, batch, train=True, rngs=rngs)
+  sims, aux = model.apply({"params": params}, batch, train=True,
+                          rngs=state_lib.train_rngs(rng))
   return _total_loss(sims, aux, batch, step, params, config, steps_per_epoch)
 
 
@@ -88,19 +82,18 @@ def cached_value_and_grad(params, batch, rng, step, *, model, config, steps_per_
   equally random masks; without dropout it equals the full-batch gradient (tests/test_train.py).
   """
   k = num_chunks
-  dropout, gumbel, noise = jax.random.split(rng, 3)
+  rngs = state_lib.train_rngs(rng)
   chunks = jax.tree.map(lambda x: _chunks(x, k), batch)
   index = jnp.arange(k)
 
   def towers(p, chunk, i):
     return model.apply({"params": p}, chunk, train=True,
-                       rngs={"dropout": jax.random.fold_in(dropout, i)}, method="towers")
+                       rngs={"dropout": jax.random.fold_in(rngs["dropout"], i)}, method="towers")
 
   reps = jax.tree.map(_unchunk, jax.lax.map(lambda a: towers(params, *a), (chunks, index)))
 
   def head_loss(p, r):
-    sims, aux = model.apply({"params": p}, r, batch, train=True, method="head",
-                            rngs={"dropout": dropout, "gumbel": gumbel, "noise": noise})
+    sims, aux = model.apply({"params": p}, r, batch, train=True, method="head", rngs=rngs)
     return _total_loss(sims, aux, batch, step, p, config, steps_per_epoch)
 
   (loss, metrics), (grads, rep_grads) = jax.value_and_grad(
@@ -129,7 +122,7 @@ def value_and_grad(params, batch, rng, step, *, model, config, steps_per_epoch):
   return grad_fn(params, batch, rng, step)
 
 
-def train_step(state: TrainState, batch, rng, *, model, tx, config, steps_per_epoch):
+def train_step(state: state_lib.TrainState, batch, rng, *, model, tx, config, steps_per_epoch):
   step_rng = jax.random.fold_in(rng, state.step)
   (loss, metrics), grads = value_and_grad(state.params, batch, step_rng, state.step, model=model,
                                           config=config, steps_per_epoch=steps_per_epoch)
@@ -139,7 +132,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, steps_per_ep
   # every save; the loss only shows the damage one step later).
   metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                  param_norm=optax.tree.norm(params))
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def jit_train_step(config, model, tx, mesh, state_shardings, steps_per_epoch):
@@ -150,34 +143,6 @@ def jit_train_step(config, model, tx, mesh, state_shardings, steps_per_epoch):
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,), compiler_options=sharding.compiler_options(config))
-
-
-def _abstract_and_shardings(init_fn, mesh, config):
-  abstract = jax.eval_shape(init_fn)
-  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules, config.fsdp_min_size)
-  return abstract, shardings
-
-
-def create_train_state(config, model, tx, sample_batch, mesh, rng, pretrained=None):
-  """Initialises the state directly in its shardings. `pretrained`: params to splice in."""
-
-  def init():
-    rngs = dict(zip(("params", "dropout", "gumbel", "noise"), jax.random.split(rng, 4)))
-    params = model.init(rngs, sample_batch, train=False)["params"]
-    params = flax.core.unfreeze(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract, shardings = _abstract_and_shardings(init, mesh, config)
-  state = jax.jit(init, out_shardings=shardings,
-                  compiler_options=sharding.compiler_options(config))()
-  if pretrained:
-    params = dict(state.params)
-    for name, tree in pretrained.items():
-      params[name] = jax.tree.map(
-          lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
-          tree, state.params[name])
-    state = state.replace(params=params)
-  return state, abstract, shardings
 
 
 def install_signal_handlers():
@@ -191,88 +156,6 @@ def install_signal_handlers():
   for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, handler)
   return received
-
-
-class MetricsWriter:
-  """metrics.jsonl + TensorBoard event files (tensorboardX, no TensorFlow); process 0 only."""
-
-  def __init__(self, workdir, resume_step: int | None = None):
-    """`resume_step`: the step training restarts from; rows after it (written by a run that was
-    killed before its next checkpoint) are dropped so that no step appears twice (None: all
-    rows are kept)."""
-    self.enabled = jax.process_index() == 0
-    if not self.enabled:
-      return
-    self.path = epath.Path(workdir) / "metrics.jsonl"
-    self.rows = self._read_rows(resume_step)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
-
-  def _read_rows(self, resume_step: int | None) -> list[dict]:
-    """Existing rows up to `resume_step` (a torn last line is dropped); rewrites the file
-    atomically when anything was dropped."""
-    if not self.path.exists():
-      return []
-    lines = self.path.read_text().splitlines()
-    rows = []
-    for line in lines:
-      try:
-        row = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(row, dict) and isinstance(row.get("step"), int) and (
-          resume_step is None or row["step"] <= resume_step):
-        rows.append(row)
-    if len(rows) != len(lines):
-      log.info("metrics.jsonl: dropped %d rows after step %s (from a run stopped before its next "
-               "checkpoint).", len(lines) - len(rows), resume_step)
-      self._rewrite(rows)
-    return rows
-
-  def _rewrite(self, rows):
-    fileio.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
-
-  def write(self, step: int, metrics: dict, prefix: str = ""):
-    """Appends one row; a row with the same step and prefix (a re-run's final evaluation)
-    replaces the earlier one."""
-    if not self.enabled:
-      return
-    row = {"step": int(step)}
-    for k, v in metrics.items():
-      if np.ndim(v) == 0 and isinstance(v, (int, float, np.number, np.ndarray, jax.Array)):
-        row[prefix + k] = float(v)
-        self.tb.add_scalar(prefix + k, float(v), int(step))
-    def same_kind(r):
-      ks = set(r) - {"step"}
-      return r["step"] == row["step"] and (
-          ks == set(row) - {"step"} or (prefix and ks and all(k.startswith(prefix) for k in ks)))
-
-    same = [r for r in self.rows if same_kind(r)]
-    if same:
-      self.rows = [r for r in self.rows if not any(r is x for x in same)] + [row]
-      self._rewrite(self.rows)
-    else:
-      self.rows.append(row)
-      with self.path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    self.tb.flush()
-
-  def close(self):
-    if self.enabled:
-      self.tb.close()
-
-
-def _load_pretrained(config) -> dict:
-  """Encoder params from local HF directories named in the config (empty when training from
-  scratch). Keys are the model's submodule names."""
-  from gseps_jax.models import hf_import  # pylint: disable=g-import-not-at-top
-  out = {}
-  for key, name in (("vision_hf_dir", "vision_encoder"), ("text_hf_dir", "text_encoder")):
-    d = config.model.get(key, "")
-    if d:
-      _, params = hf_import.load_hf_encoder(d)
-      out[name] = params
-  return out
 
 
 def _all_agree_to_stop(stop: bool) -> bool:
@@ -371,7 +254,6 @@ def _validate(config) -> None:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
-  from gseps_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   _validate(config)
@@ -400,24 +282,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f"train.encoder_chunk x devices = {k} x {mesh.size}: every encoder chunk is spread over "
         f"all devices. Change --config.train.batch_size or --config.train.encoder_chunk.")
   model = models.build_model(config.model)
-  sample = sample_batch(config)
+  sample = state_lib.sample_batch(config)
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
 
   # The optimiser's labels need the param tree; build it abstractly first.
-  abstract_params = jax.eval_shape(
-      lambda: model.init({"params": init_rng, "dropout": init_rng, "gumbel": init_rng,
-                          "noise": init_rng}, sample, train=False)["params"])
-  tx, head_lr, _ = optim.make_optimizer(config.optim, steps_per_epoch, abstract_params,
+  tx, head_lr, _ = optim.make_optimizer(config.optim, steps_per_epoch,
+                                        state_lib.abstract_params(model, sample),
                                         total_steps=total_steps)
 
   with jax.set_mesh(mesh):
-    state, abstract, state_shardings = create_train_state(
-        config, model, tx, sample, mesh, init_rng, pretrained=_load_pretrained(config))
+    state, abstract, state_shardings = state_lib.create_train_state(
+        config, model, tx, sample, mesh, init_rng, pretrained=state_lib.load_pretrained(config))
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  best_metric="rsum" if config.checkpoint.keep_best else None)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, state_shardings)
+    abstract = state_lib.with_shardings(abstract, state_shardings)
     try:
       restored = ckpt.restore(
           abstract, config, validate=_params_exploded, move_damaged=True,
@@ -433,15 +312,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     step_fn = jit_train_step(config, model, tx, mesh, state_shardings, steps_per_epoch)
     eval_every = config.train.eval_every if config.train.eval_every >= 0 else steps_per_epoch
-    evaluator = (eval_lib.Evaluator(config, model, mesh, split=config.train.eval_on)
+    evaluator = (evaluator_lib.Evaluator(config, model, mesh, split=config.train.eval_on)
                  if eval_every > 0 else None)
 
-    writer = MetricsWriter(workdir, resume_step=start_step)
+    writer = metrics_log.MetricsWriter(workdir, resume_step=start_step)
     signals = install_signal_handlers()
     meta = {"config": config.to_dict(), "fingerprint": ckpt_lib.fingerprint(config)}
     t0 = time.time()
     last = {}
-    progress = _progress(start_step, total_steps, is_main)
+    progress = metrics_log.Progress(start_step, total_steps, is_main)
     try:
       for step in range(start_step, total_steps):
         local = next(data)
@@ -489,7 +368,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.train.final_eval_split and (
         final_step == total_steps or (config.train.max_minutes > 0 and not signals)):
       split = config.train.final_eval_split
-      final_ev = eval_lib.Evaluator(config, model, mesh, split=split)
+      final_ev = evaluator_lib.Evaluator(config, model, mesh, split=split)
       final = final_ev.run(state.params)
       writer.write(final_step, final, f"{split}/")
       results[split] = final
@@ -497,90 +376,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       results["dense_mode"] = mode
       if is_main:  # written whole or not at all; a re-run replaces it
         fileio.atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
-        print(eval_lib.format_table(final, title=f"{config.model.name} {split} "
+        print(evaluator_lib.format_table(final, title=f"{config.model.name} {split} "
                                     f"(step {final_step}"
                                     + (f", dense_mode={mode})" if mode else ")")))
     writer.close()
     ckpt.close()
     return results
-
-
-class _progress:
-  """tqdm bar on process 0 showing step, loss, lr, steps/s and ETA."""
-
-  def __init__(self, start, total, enabled):
-    self.bar = None
-    if enabled:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-    self.pos = start
-
-  def update(self, step, metrics):
-    if self.bar is None:
-      return
-    self.bar.update(step - self.pos)
-    self.pos = step
-    self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                         it_s=f"{metrics['steps_per_s']:.2f}")
-
-  def note(self, text):
-    if self.bar is not None:
-      self.bar.write(text)
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
-
-
-def sample_batch(config, batch_size: int = 2) -> dict:
-  """A zero batch with the shapes the model expects (for init and abstract evaluation)."""
-  d = config.data
-  size = d.image_size
-  return {
-      "image": np.zeros((batch_size, size, size, 3), np.float32),
-      "input_ids": np.zeros((batch_size, d.max_len), np.int32),
-      "attention_mask": np.ones((batch_size, d.max_len), np.int32),
-      "dense_ids": np.zeros((batch_size, d.dense_max_len), np.int32),
-      "dense_mask": np.ones((batch_size, d.dense_max_len), np.int32),
-      "image_index": np.arange(batch_size, dtype=np.int32),
-  }
-
-
-def restore_params(path, mesh=None, config=None):
-  """(config, model, params, step) from a workdir or WORKDIR/checkpoints/STEP.
-
-  The optimiser is rebuilt from the saved config only to know the state's structure; its
-  values are not read into memory beyond what orbax restores.
-  """
-  saved_config, _, _ = ckpt_lib.load_config_from_checkpoint(path)
-  config = config or saved_config
-  mesh = mesh or sharding.make_mesh(config.mesh)
-  model = models.build_model(config.model)
-  sample = sample_batch(config)
-  key = jax.random.key(0)
-  abstract_params = jax.eval_shape(
-      lambda: model.init({"params": key, "dropout": key, "gumbel": key, "noise": key}, sample,
-                         train=False)["params"])
-  tx, _, _ = optim.make_optimizer(config.optim, 1, abstract_params)
-
-  def init():
-    params = flax.core.unfreeze(model.init(
-        {"params": key, "dropout": key, "gumbel": key, "noise": key}, sample,
-        train=False)["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract, shardings = _abstract_and_shardings(init, mesh, config)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-  # A step in `path` is used as asked (a damaged one is an error); a workdir falls back from a
-  # damaged newest step to the newest good one, with a warning naming the damaged step.
-  workdir, step = ckpt_lib.resolve(path)
-  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True, best_metric=None)
-  try:
-    restored = ckpt.restore(abstract, config, step=step)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"No readable checkpoint in {workdir}.")
-  state, _ = restored
-  return config, model, state.params, int(state.step)

@@ -42,9 +42,9 @@ LR = 1e-2
 
 def fixed_batch(config):
   """The same global batch on every process (a pure function of the config's shapes)."""
-  from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
+  from gseps_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  batch = trainer.sample_batch(config, batch_size=BATCH)
+  batch = state_lib.sample_batch(config, batch_size=BATCH)
   batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
   batch["input_ids"] = rng.integers(1000, 5000, size=batch["input_ids"].shape).astype(np.int32)
   batch["dense_ids"] = rng.integers(1000, 5000, size=batch["dense_ids"].shape).astype(np.int32)
@@ -117,6 +117,7 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   import tiny  # pylint: disable=g-import-not-at-top
   from gseps_jax import models, optim, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from gseps_jax import state as state_lib  # pylint: disable=g-import-not-at-top
 
   config = tiny.tiny_config(model_name)
   config.fsdp_min_size = 0  # split every kernel whose first dim divides by fsdp
@@ -160,7 +161,7 @@ def main():
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:devices] if devices else None)
     rep = sharding.replicated(mesh)
     with jax.set_mesh(mesh):
-      state, _, shardings = trainer.create_train_state(config, model, tx, batch, mesh, key)
+      state, _, shardings = state_lib.create_train_state(config, model, tx, batch, mesh, key)
       gb = sharding.global_batch(local, mesh)
       rng = jax.random.key(1)
       # The gradient the first train step sees (train_step folds the step into the key the same

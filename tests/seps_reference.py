@@ -1,4 +1,4 @@
-"""Float64 NumPy reference of SEPS scoring (SDTPS + HRPA), written from spec/seps.md as plain
+"""Float64 NumPy reference of SEPS scoring (SDTPS + HRPA), written from the SEPS paper as plain
 per-pair loops. Independent of gseps_jax: used only to check `gseps_jax.models.seps`.
 """
 

@@ -39,8 +39,8 @@ import tiny
 from configs import grm_vit, seps_vit
 from gseps_jax import losses
 from gseps_jax import models
-from gseps_jax import trainer
-from gseps_jax.models import grm as grm_lib
+from gseps_jax import state as state_lib
+from gseps_jax.models import grm_heads
 from gseps_jax.models import similarity
 
 # Whole-model compiles dominate this file's time: XLA's cheap CPU code generation (same values).
@@ -89,7 +89,7 @@ def _config(name, dtype, kind="hinge"):
 
 
 def _batch(config, seed, near_duplicates=False, shared_ids=False):
-  """A `trainer.sample_batch` filled with random images and captions (`tiny.random_inputs`).
+  """A `state_lib.sample_batch` filled with random images and captions (`tiny.random_inputs`).
 
   near_duplicates: one image repeated with noise 1e-3 (mostly below bf16's resolution, 2^-8
     relative) and one caption repeated. shared_ids: every row shows the same image (all
@@ -103,7 +103,7 @@ def _batch(config, seed, near_duplicates=False, shared_ids=False):
     images = images[:1] + 1e-3 * rng.normal(size=images.shape).astype(np.float32)
     ids, mask = np.repeat(ids[:1], BATCH, 0), np.repeat(mask[:1], BATCH, 0)
     dense_ids, dense_mask = np.repeat(dense_ids[:1], BATCH, 0), np.repeat(dense_mask[:1], BATCH, 0)
-  batch = trainer.sample_batch(config, BATCH)
+  batch = state_lib.sample_batch(config, BATCH)
   batch.update(image=images, input_ids=ids, attention_mask=mask, dense_ids=dense_ids,
                dense_mask=dense_mask)
   if shared_ids:
@@ -299,11 +299,12 @@ def test_saliency_adapter_logits_are_float32():
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.normal(size=(2, 9, 32)), jnp.float32)
   valid = jnp.ones((2, 9), bool)
-  params = grm_lib.SaliencyAdapter().init(jax.random.key(0), tokens, valid, train=False)["params"]
+  params = grm_heads.SaliencyAdapter().init(jax.random.key(0), tokens, valid,
+                                            train=False)["params"]
   params = jax.tree.map(lambda a: a, params)  # a mutable copy
   params["fc2"]["bias"] = jnp.asarray([100.0, 100.0])  # logits ~100: bf16 spacing 0.5
-  prob = {dt: grm_lib.SaliencyAdapter(dtype=dt).apply({"params": params}, tokens, valid,
-                                                      train=False)["prob"]
+  prob = {dt: grm_heads.SaliencyAdapter(dtype=dt).apply({"params": params}, tokens, valid,
+                                                        train=False)["prob"]
           for dt in (jnp.float32, jnp.bfloat16)}
   assert prob[jnp.bfloat16].dtype == jnp.float32
   # Measured 1.0e-3 (the bf16 hidden layer); with bf16 logits 0.12 (logit steps of 0.5).

@@ -214,9 +214,9 @@ def test_non_utf8_jsonl_names_file_and_line(tmp_path):
 
 def test_validate_rejects_bad_values_and_accepts_every_shipped_config():
   from configs import common, grm_swin, grm_vit, laps_vit, seps_swin, seps_vit
-  from gseps_jax import evaluate, models
+  from gseps_jax import evaluator, models
   from gseps_jax.data import prepare
-  assert common.EVAL_PROTOCOLS == evaluate.PROTOCOLS
+  assert common.EVAL_PROTOCOLS == evaluator.PROTOCOLS
   assert common.DATASETS == tuple(sorted(prepare.BUILDERS))
   assert common.MODEL_NAMES == tuple(sorted(models.MODELS))
   for mod in (grm_vit, grm_swin, seps_vit, seps_swin, laps_vit):

@@ -12,10 +12,10 @@ import pytest
 
 import tiny
 from conftest import REPO
-from gseps_jax import evaluate
+from gseps_jax import evaluator
 from gseps_jax import models
 from gseps_jax import sharding
-from gseps_jax import trainer
+from gseps_jax import state as state_lib
 from gseps_jax.data import pipeline
 
 
@@ -25,7 +25,7 @@ def _setup(model_name, **over):
   model = models.build_model(config.model)
   key = jax.random.key(3)
   params = model.init({"params": key, "dropout": key, "gumbel": key, "noise": key},
-                      trainer.sample_batch(config), train=False)["params"]
+                      state_lib.sample_batch(config), train=False)["params"]
   # Move away from the initialisation so selections and adapters are not degenerate.
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(4), len(leaves))
@@ -70,7 +70,7 @@ def test_evaluator_scores_equal_single_pair_forward(model_name, dense_mode):
           if model_name == "seps" else {})
   config, model, params = _setup(model_name, **over)
   mesh = sharding.make_mesh(config.mesh)
-  ev = evaluate.Evaluator(config, model, mesh, split="test", protocol="full",
+  ev = evaluator.Evaluator(config, model, mesh, split="test", protocol="full",
                           dense_mode=dense_mode or "honest", chunk=3)
   sims = np.asarray(ev.scores(params))
   assert sims.shape == (8, 40)
@@ -86,7 +86,7 @@ import json, sys
 sys.path.insert(0, "tests")
 import jax, numpy as np
 import test_evaluate as te
-from gseps_jax import evaluate, sharding
+from gseps_jax import evaluator, sharding
 assert jax.device_count() == 8
 out = {}
 for name in ("grm", "seps"):
@@ -94,7 +94,7 @@ for name in ("grm", "seps"):
   res = {}
   for tag, mesh in (("one", sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])),
                     ("eight", sharding.make_mesh({"data": 8, "fsdp": 1}))):
-    ev = evaluate.Evaluator(config, model, mesh, split="test", protocol="full", chunk=3,
+    ev = evaluator.Evaluator(config, model, mesh, split="test", protocol="full", chunk=3,
                             batch_size=8)
     sims = ev.scores(params)
     res[tag] = {"sims": np.asarray(sims).tolist(), "spec": str(sims.sharding.spec)

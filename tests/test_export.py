@@ -29,8 +29,12 @@ import tiny
 from configs import grm_swin, grm_vit, laps_vit, seps_swin, seps_vit
 from gseps_jax import checkpoint as ckpt_lib
 from gseps_jax import export
+from gseps_jax import fileio
+from gseps_jax import models
 from gseps_jax import optim
-from gseps_jax import trainer
+from gseps_jax import state as state_lib
+from gseps_jax.interop import common as interop_common
+from gseps_jax.interop import official_seps
 from gseps_jax.data import tokenizer as tok_lib
 
 NI, CPI = 3, 2  # images, captions per image
@@ -61,7 +65,7 @@ def random_params(shapes, seed):
 def make_checkpoint(workdir, config, seed, steps=2):
   """Random params, then `steps` updates of the trainer's optimiser on random gradients; saved
   as the trainer saves. Returns the saved params (numpy)."""
-  params = random_params(export.abstract_params(config), seed)
+  params = random_params(interop_common.abstract_params(config), seed)
   tx, _, _ = optim.make_optimizer(config.optim, 10, params)
   rng = np.random.default_rng(seed + 1)
 
@@ -75,7 +79,7 @@ def make_checkpoint(workdir, config, seed, steps=2):
     grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
     params, opt_state = update(params, opt_state, grads)
   params = jax.tree.map(np.asarray, params)
-  state = trainer.TrainState(step=jnp.asarray(steps, jnp.int32), params=params,
+  state = state_lib.TrainState(step=jnp.asarray(steps, jnp.int32), params=params,
                              opt_state=opt_state)
   ckpt = ckpt_lib.Checkpointer(workdir, best_metric=None, async_save=False)
   ckpt.save(steps, state, {"config": config.to_dict(),
@@ -107,7 +111,7 @@ def load_torch_module(export_dir):
 
 def jax_features(config, params, inputs):
   """Our features of `inputs` (jitted: one compile beats op-by-op dispatch of a whole encoder)."""
-  model = export.build_model(config.model)
+  model = models.build_model(config.model)
   images, (ids, mask), (dids, dmask) = inputs
   v = {"params": params}
   enc_img = jax.jit(functools.partial(model.apply, method="encode_images"))
@@ -232,7 +236,7 @@ def test_seps_parity_text_cut_is_exercised(seps):
 
 def test_hf_directories_load_with_transformers(seps):
   config, out = seps.config, seps.out
-  assert (out / export.OFFICIAL_FILE).is_file()  # format=both
+  assert (out / interop_common.OFFICIAL_FILE).is_file()  # format=both
   # Every saved tensor is consumed and every weight is found (nothing freshly initialised).
   for cls, sub, cfg in ((transformers.ViTModel, "vision_encoder", config.model.vision),
                         (transformers.BertModel, "text_encoder", config.model.text)):
@@ -277,24 +281,15 @@ def official_state_dict(config, tmp_dir, seed=0):
     model.save_pretrained(d)
     sd.update({prefix + k: v for k, v in safetensors.torch.load_file(d / "model.safetensors")
                .items()})
-  e = mc.embed_dim
-  hidden = int(e * 0.2)
   n_c = int((64 // 16) ** 2 * mc.seps.alpha * mc.seps.rho)
-  shapes = {
-      "img_enc.vision_proj.weight": (e, 64), "img_enc.vision_proj.bias": (e,),
-      "txt_enc.fc.weight": (e, 64), "txt_enc.fc.bias": (e,),
-      "cross_net.aggr_net.scale": (1, 1, 1),
-      "cross_net.aggr_net.weight.0.weight": (e,), "cross_net.aggr_net.weight.0.bias": (e,),
-      "cross_net.aggr_net.weight.1.weight": (hidden, e),
-      "cross_net.aggr_net.weight.1.bias": (hidden,),
-      "cross_net.aggr_net.weight.3.weight": (n_c, hidden),
-      "cross_net.aggr_net.weight.3.bias": (n_c,)}
+  shapes = tiny.official_head_shapes(mc.embed_dim, 64, 64, n_c)
   sd.update({k: torch.randn(s) for k, s in shapes.items()})
   return {k: v.clone() for k, v in sd.items()}
 
 
 def save_official(path, sd, epoch=7):
-  opt = argparse.Namespace(**dict(export.OFFICIAL_OPT_DEFAULTS, embed_size=32, num_patches=16))
+  opt = argparse.Namespace(**dict(official_seps.OFFICIAL_OPT_DEFAULTS, embed_size=32,
+                                  num_patches=16))
   torch.save({"model": sd, "opt": opt, "epoch": epoch, "best_rsum": 123.5, "Eiters": 99}, path)
 
 
@@ -307,7 +302,7 @@ def test_official_round_trip_is_bit_exact(tmp_path, get_config):
   save_official(pth, sd)
   workdir = export.import_official(pth, config, tmp_path / "imported")
   # evaluate/train restore it through the trainer's own path (fingerprint checked).
-  _, _, params, step = trainer.restore_params(workdir)
+  _, _, params, step = state_lib.restore_params(workdir)
   assert step == 0
   _, _, meta = ckpt_lib.load_config_from_checkpoint(workdir)
   assert meta["official"]["epoch"] == 7 and meta["official"]["best_rsum"] == 123.5
@@ -342,7 +337,7 @@ def test_official_import_lists_every_bad_tensor(tmp_path):
   sd["cross_net.aggr_net.weight.3.weight"] = torch.zeros(4, 6)
   pth = tmp_path / "bad.pth"
   save_official(pth, sd)
-  with pytest.raises(export.ExportError) as e:
+  with pytest.raises(interop_common.ExportError) as e:
     export.import_official(pth, config, tmp_path / "out")
   msg = str(e.value)
   for name in ("cross_net.aggr_net.weight.1.bias",
@@ -361,8 +356,8 @@ class NotAllowed:
 def test_official_import_refuses_other_pickles(tmp_path):
   pth = tmp_path / "evil.pth"
   torch.save({"model": {}, "opt": NotAllowed()}, pth)
-  with pytest.raises(export.ExportError, match="trust_pickle"):
-    export.load_official(pth)
+  with pytest.raises(interop_common.ExportError, match="trust_pickle"):
+    official_seps.load_official(pth)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,13 +372,13 @@ def test_nonexistent_checkpoint_is_a_clear_error(tmp_path):
 def test_unknown_model_type_is_a_clear_error(tmp_path):
   config = seps_vit.get_config("tiny")
   config.model.name = "clip"
-  state = trainer.TrainState(step=jnp.asarray(1, jnp.int32), params={"w": np.zeros(2)},
+  state = state_lib.TrainState(step=jnp.asarray(1, jnp.int32), params={"w": np.zeros(2)},
                              opt_state=())
   ckpt = ckpt_lib.Checkpointer(tmp_path / "run", best_metric=None, async_save=False)
   ckpt.save(1, state, {"config": config.to_dict(), "fingerprint": {}})
   ckpt.close()
   for fmt in export.FORMATS:
-    with pytest.raises(export.ExportError, match=r"Unknown model type 'clip'.*grm.*seps"):
+    with pytest.raises(interop_common.ExportError, match=r"Unknown model type 'clip'.*grm.*seps"):
       export.export(tmp_path / "run", tmp_path / "out", format=fmt)
   assert not (tmp_path / "out").exists()
 
@@ -391,26 +386,26 @@ def test_unknown_model_type_is_a_clear_error(tmp_path):
 def test_official_export_of_grm_is_an_error(grm, tmp_path):
   workdir = grm.workdir
   for fmt in ("official", "both"):
-    with pytest.raises(export.ExportError, match="SEPS/LAPS only"):
+    with pytest.raises(interop_common.ExportError, match="SEPS/LAPS only"):
       export.export(workdir, tmp_path / "out", format=fmt)
   assert not (tmp_path / "out").exists()
-  with pytest.raises(export.ExportError, match="SEPS/LAPS config"):
+  with pytest.raises(interop_common.ExportError, match="SEPS/LAPS config"):
     export.import_official(tmp_path / "x.pth", grm_vit.get_config("tiny"), tmp_path / "out")
 
 
 def test_outputs_are_atomic(tmp_path):
   out = tmp_path / "out"
   with pytest.raises(RuntimeError):
-    with export.atomic_dir(out) as tmp:
+    with fileio.atomic_dir(out) as tmp:
       (tmp / "half.bin").write_bytes(b"x")
       raise RuntimeError("killed mid-write")
   assert list(tmp_path.iterdir()) == []
-  with export.atomic_dir(out) as tmp:
+  with fileio.atomic_dir(out) as tmp:
     (tmp / "a").write_text("1")
   with pytest.raises(FileExistsError, match="--overwrite"):
-    with export.atomic_dir(out):
+    with fileio.atomic_dir(out):
       pass
-  with export.atomic_dir(out, overwrite=True) as tmp:
+  with fileio.atomic_dir(out, overwrite=True) as tmp:
     (tmp / "b").write_text("2")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
   assert sorted(p.name for p in out.iterdir()) == ["b"]

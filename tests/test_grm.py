@@ -17,6 +17,7 @@ from configs import grm_swin, grm_vit
 from gseps_jax import losses
 from gseps_jax.models import encoders
 from gseps_jax.models import grm as grm_lib
+from gseps_jax.models import grm_heads
 from gseps_jax.models.similarity import token_similarity
 
 # Whole-model compiles dominate this file's time; XLA's cheap CPU backend settings halve them
@@ -48,7 +49,7 @@ def adapter():
   valid[1, 4:] = False
   valid[2, 1:] = False
   valid[4] = False  # an all-padding item
-  sa = grm_lib.SaliencyAdapter(tau=0.7, hard=True)
+  sa = grm_heads.SaliencyAdapter(tau=0.7, hard=True)
   params = fast_jit(lambda: sa.init(jax.random.key(0), tokens, valid, train=False)["params"])()
   apply = fast_jit(functools.partial(sa.apply, train=False))
   apply_train = fast_jit(lambda p, t, v, k: sa.apply({"params": p}, t, v, train=True,
@@ -114,7 +115,7 @@ def test_adapter_training_straight_through(adapter):
 
 
 def test_soft_path_padding_is_never_present(adapter):
-  sa = grm_lib.SaliencyAdapter(tau=0.7, hard=False)
+  sa = grm_heads.SaliencyAdapter(tau=0.7, hard=False)
   out = fast_jit(lambda p, k: sa.apply({"params": p}, adapter["tokens"], adapter["valid"],
                                        train=True, rngs={"gumbel": k}))(adapter["params"],
                                                                          jax.random.key(4))
@@ -131,7 +132,7 @@ def _adapter_kernel_loss(hard):
   t = rng.normal(size=(b, lt, d))
   valid_i = np.ones((b, li), bool)
   valid_t = np.arange(lt)[None, :] < np.array([[4], [2], [3]])
-  sa = grm_lib.SaliencyAdapter(tau=1.0, hard=hard, dtype=jnp.float64)
+  sa = grm_heads.SaliencyAdapter(tau=1.0, hard=hard, dtype=jnp.float64)
 
   def loss(params, key):
     ki, kt = jax.random.split(key)
@@ -176,8 +177,8 @@ def test_keep_penalty_and_ratio_by_hand():
   valid = jnp.array([[True, True, True, True], [True, True, False, False],
                      [False, False, False, False]])
   # item ratios 0.5 and 1.0 (the third, empty item counts 0); target 0.5
-  assert float(grm_lib.keep_penalty(mask, valid, 0.5)) == pytest.approx((0 + 0.25 + 0) / 3)
-  assert float(grm_lib.keep_ratio(mask, valid)) == pytest.approx(4 / 6)  # padding not counted
+  assert float(losses.keep_penalty(mask, valid, 0.5)) == pytest.approx((0 + 0.25 + 0) / 3)
+  assert float(losses.keep_ratio(mask, valid)) == pytest.approx(4 / 6)  # padding not counted
 
 
 # ----------------------------------------------------------------------------- regions
@@ -188,7 +189,7 @@ def test_region_prompts_match_numpy():
   tokens = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
   keep = jnp.asarray(rng.random((2, 6)) < 0.7).at[:, 0].set(True)
   for kwargs in (dict(), dict(normalize_tokens=True, learn_scale=True, init_scale=5.0)):
-    mod = grm_lib.RegionPrompts(num_regions=3, **kwargs)
+    mod = grm_heads.RegionPrompts(num_regions=3, **kwargs)
     params = fast_jit(lambda: mod.init(jax.random.key(0), tokens, keep)["params"])()
     attn, means, stats = fast_jit(mod.apply)({"params": params}, tokens, keep)
     p = np.asarray(params["prompts"], np.float64)
@@ -217,17 +218,17 @@ def test_region_prompts_match_numpy():
 def test_region_overlap_is_one_for_equal_maps_and_zero_for_disjoint_ones():
   same = jnp.full((1, 4, 3), 0.25)
   disjoint = jnp.asarray(np.eye(4)[None, :, :3])
-  assert float(grm_lib.map_overlap(same)) == pytest.approx(1.0, abs=1e-6)
-  assert float(grm_lib.map_overlap(disjoint)) == pytest.approx(0.0, abs=1e-6)
+  assert float(grm_heads.map_overlap(same)) == pytest.approx(1.0, abs=1e-6)
+  assert float(grm_heads.map_overlap(disjoint)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_orthogonal_prompts_start_orthonormal_and_too_many_are_refused():
   tokens, keep = jnp.ones((1, 3, 8)), jnp.ones((1, 3), bool)
-  mod = grm_lib.RegionPrompts(num_regions=5, prompt_init="orthogonal")
+  mod = grm_heads.RegionPrompts(num_regions=5, prompt_init="orthogonal")
   p = np.asarray(mod.init(jax.random.key(0), tokens, keep)["params"]["prompts"], np.float64)
   np.testing.assert_allclose(p @ p.T, np.eye(5), atol=1e-5)
   with pytest.raises(ValueError, match="num_regions <= embed_dim"):
-    grm_lib.RegionPrompts(num_regions=9, prompt_init="orthogonal").init(
+    grm_heads.RegionPrompts(num_regions=9, prompt_init="orthogonal").init(
         jax.random.key(0), tokens, keep)
 
 
@@ -247,8 +248,8 @@ def test_cheap_sampler_matches_per_token_form_in_distribution():
   keys = jax.random.split(jax.random.key(0), n)
   draw = lambda f: np.asarray(fast_jit(jax.vmap(lambda k: f(means, logvar, attn, k)[0]))(keys),
                               np.float64)  # [n, K, D]
-  cheap = draw(grm_lib.sample_regions)
-  per_token = draw(grm_lib.sample_regions_per_token)
+  cheap = draw(grm_heads.sample_regions)
+  per_token = draw(grm_heads.sample_regions_per_token)
   var = np.exp(np.asarray(logvar[0], np.float64)) * (np.asarray(attn[0]) ** 2).sum(0)[:, None]
   for u in (cheap, per_token):
     np.testing.assert_allclose(u.mean(0), means[0], atol=5 * np.sqrt(var.max() / n))
@@ -265,7 +266,7 @@ def test_cheap_sampler_matches_per_token_form_in_distribution():
 def test_uncertainty_eval_is_the_mean_and_logvar_is_clipped():
   mu = 100.0 * jax.random.normal(jax.random.key(0), (2, 3, 8))
   attn = jnp.full((2, 4, 3), 0.25)
-  mod = grm_lib.RegionUncertainty(hidden=8, logvar_min=-1.0, logvar_max=0.5)
+  mod = grm_heads.RegionUncertainty(hidden=8, logvar_min=-1.0, logvar_max=0.5)
   params = fast_jit(lambda: mod.init(jax.random.key(1), mu, attn, train=False)["params"])()
   u, logvar = fast_jit(functools.partial(mod.apply, train=False))({"params": params}, mu, attn)
   np.testing.assert_array_equal(np.asarray(u), np.asarray(mu))
@@ -299,7 +300,7 @@ def tiny_batch(b=4, length=8, image_size=32):
 @pytest.fixture(scope="module")
 def tiny_grm():
   config = tiny_config()
-  model = grm_lib.GRM(config.model)
+  model = grm_lib.GRM.from_config(config.model)
   batch = tiny_batch()
   rngs = {k: jax.random.key(i) for i, k in enumerate(("params", "dropout", "gumbel", "noise"))}
   params = fast_jit(lambda: model.init(rngs, batch, train=False)["params"])()
@@ -365,7 +366,7 @@ def test_grm_freeze_text_stops_text_encoder_gradients(tiny_grm):
   for freeze in (False, True):
     cfg = config.model.copy_and_resolve_references()
     cfg.freeze_text = freeze
-    model = grm_lib.GRM(cfg)
+    model = grm_lib.GRM.from_config(cfg)
     f = lambda p: model.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
                               method=grm_lib.GRM.encode_texts)["ori"].sum()
     grads[freeze] = fast_jit(jax.grad(f))(params)
@@ -414,13 +415,13 @@ def test_checkpoint_restores_under_other_level_weights_but_not_other_regions(tmp
 
 
 def test_evaluation_keep_ratios():
-  from gseps_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from gseps_jax import evaluator  # pylint: disable=g-import-not-at-top
   img = {"ori_mask": np.ones((2, 4), bool),
          "key_mask": np.array([[1, 0, 0, 0], [1, 1, 1, 0]], bool)}
   txt = {"ori_mask": np.array([[1, 1, 0], [1, 1, 1]], bool),
          "key_mask": np.array([[1, 0, 1], [0, 1, 1]], bool)}  # padding never counts
-  assert evaluate.keep_ratios(img, txt) == {"keep_ratio_img": 4 / 8, "keep_ratio_txt": 3 / 5}
-  assert evaluate.keep_ratios({"tokens": 0}, {"tokens": 0}) == {}
+  assert evaluator.keep_ratios(img, txt) == {"keep_ratio_img": 4 / 8, "keep_ratio_txt": 3 / 5}
+  assert evaluator.keep_ratios({"tokens": 0}, {"tokens": 0}) == {}
 
 
 def test_level_weights_choose_the_levels_computed(tiny_grm):
@@ -430,7 +431,7 @@ def test_level_weights_choose_the_levels_computed(tiny_grm):
   def scores(weights):
     cfg = config.model.copy_and_resolve_references()
     cfg.grm.level_weights = weights
-    model = grm_lib.GRM(cfg)
+    model = grm_lib.GRM.from_config(cfg)
     img = model.apply({"params": params}, batch["image"], method=grm_lib.GRM.encode_images)
     txt = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                       method=grm_lib.GRM.encode_texts)
@@ -446,7 +447,7 @@ def test_ablation_switches_remove_components(tiny_grm):
   config, _, batch, _ = tiny_grm
   cfg = config.model.copy_and_resolve_references()
   cfg.grm.use_sa = cfg.grm.use_ga = cfg.grm.use_regions = False
-  model = grm_lib.GRM(cfg)
+  model = grm_lib.GRM.from_config(cfg)
   rngs = {k: jax.random.key(i) for i, k in enumerate(("params", "dropout", "gumbel", "noise"))}
 
   @fast_jit

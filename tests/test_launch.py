@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gseps_jax import distributed, launch
+from gseps_jax import distributed
+from launch import tpu as launch
 
 REPO = Path(__file__).resolve().parents[1]
 TPU_POD = REPO / "launch" / "tpu_pod.sh"
@@ -195,7 +196,7 @@ def test_fake_gcloud_create_setup_train_in_order(fake_gcloud):
   # The shipped archive is the working tree: package and requirements in, virtualenv out.
   with tarfile.open(fake_gcloud.tarball) as tar:
     names = set(tar.getnames())
-  assert {"gseps_jax/launch.py", "requirements.txt", "install.sh"} <= names
+  assert {"launch/tpu.py", "gseps_jax/train.py", "requirements.txt", "install.sh"} <= names
   assert not any(n.startswith((".venv", ".git/")) for n in names)
 
 

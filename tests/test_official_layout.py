@@ -1,6 +1,6 @@
 """The official SEPS checkpoint layout, checked by MEANING (not by round trip).
 
-An independent PyTorch reference of the official model, written from spec/seps.md, reads an
+An independent PyTorch reference of the official model, written from the official code's module definitions, reads an
 official state dict BY NAME: `img_enc.visual_encoder.*` into a HF `ViTModel` / `SwinModel` (loaded
 by transformers itself from the hub checkpoint names), `img_enc.vision_proj` and `txt_enc.fc` into
 `torch.nn.Linear`, `txt_enc.bert.*` into a HF `BertModel`, and `cross_net.aggr_net.*` (LayerNorm
@@ -31,7 +31,9 @@ import seps_reference as ref
 import tiny
 from configs import seps_swin, seps_vit
 from gseps_jax import export
-from gseps_jax import trainer
+from gseps_jax import models
+from gseps_jax import state as state_lib
+from gseps_jax.interop import official_seps
 
 NI, CPI = 3, 2
 ATOL = 1e-4  # fp32 encoders on both sides, float64 head in the reference
@@ -106,7 +108,7 @@ def _inputs(config, seed):
 
 
 def _our_scores(config, params, inputs):
-  model = export.build_model(config.model)
+  model = models.build_model(config.model)
   images, (ids, mask), (dids, dmask) = inputs
   v = {"params": params}
   img = jax.jit(functools.partial(model.apply, method="encode_images"))(v, images)
@@ -137,22 +139,13 @@ def random_official_state_dict(config, tmp_dir, seed=0):
   sd.update(_perturbed_hf_state_dict(mc.vision.to_dict(), "img_enc.visual_encoder.", tmp_dir,
                                      seed))
   sd.update(_perturbed_hf_state_dict(mc.text.to_dict(), "txt_enc.bert.", tmp_dir, seed + 1))
-  # Head shapes from the official module definitions (spec/seps.md), not from our tables.
+  # Head shapes from the official module definitions, not from our tables.
   e = int(mc.embed_dim)
   vw = (mc.vision.hidden_size if mc.vision.model_type == "vit"
         else mc.vision.embed_dim * 2 ** (len(mc.vision.depths) - 1))
-  hidden = int(e * 0.2)
   n_c = int(_num_patches(config) * mc.seps.alpha * mc.seps.rho)
   g = torch.Generator().manual_seed(seed + 2)
-  shapes = {
-      "img_enc.vision_proj.weight": (e, vw), "img_enc.vision_proj.bias": (e,),
-      "txt_enc.fc.weight": (e, mc.text.hidden_size), "txt_enc.fc.bias": (e,),
-      "cross_net.aggr_net.scale": (1, 1, 1),
-      "cross_net.aggr_net.weight.0.weight": (e,), "cross_net.aggr_net.weight.0.bias": (e,),
-      "cross_net.aggr_net.weight.1.weight": (hidden, e),
-      "cross_net.aggr_net.weight.1.bias": (hidden,),
-      "cross_net.aggr_net.weight.3.weight": (n_c, hidden),
-      "cross_net.aggr_net.weight.3.bias": (n_c,)}
+  shapes = tiny.official_head_shapes(e, vw, mc.text.hidden_size, n_c)
   for k, s in shapes.items():
     sd[k] = 0.3 * torch.randn(s, generator=g)
   sd["cross_net.aggr_net.weight.0.weight"] += 1.0
@@ -192,11 +185,12 @@ def test_import_official_scores_like_the_reference(backbone, tmp_path):
   config = CONFIGS[backbone]()
   sd = random_official_state_dict(config, tmp_path, seed=3)
   pth = tmp_path / "model_best.pth"
-  opt = argparse.Namespace(**dict(export.OFFICIAL_OPT_DEFAULTS, embed_size=config.model.embed_dim,
+  opt = argparse.Namespace(**dict(official_seps.OFFICIAL_OPT_DEFAULTS,
+                                  embed_size=config.model.embed_dim,
                                   num_patches=_num_patches(config)))
   torch.save({"model": sd, "opt": opt, "epoch": 1, "best_rsum": 0.0, "Eiters": 5}, pth)
   workdir = export.import_official(pth, config, tmp_path / "imported")
-  _, _, params, _ = trainer.restore_params(workdir)
+  _, _, params, _ = state_lib.restore_params(workdir)
   inputs = _inputs(config, seed=4)
   ours = _our_scores(config, params, inputs)
   want = OfficialReference({k: v.numpy() for k, v in sd.items()}, config,

@@ -104,7 +104,7 @@ def test_lock_pins_every_declared_dependency():
       have = tuple(int(x) for x in pins[name].split("+")[0].split(".") if x.isdigit())
       want = tuple(int(x) for x in bound.group(1).split("."))
       assert have >= want, f"requirements.txt pins {name}=={pins[name]} below {req}"
-  assert pins["torch"] == "2.13.0"  # the CPU wheel on these machines (platform.md)
+  assert pins["torch"] == "2.13.0"  # the CPU wheel on these machines
 
 
 def _readme_blocks():

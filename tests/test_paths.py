@@ -38,9 +38,8 @@ USER_PATH_MODULES = (
 EXEMPT = {
     "torch_export/gseps_torch.py": "copied into every export; runs in the user's PyTorch "
                                    "environment on a local export folder, with no gseps_jax/etils",
-    "models/hf_import.py": "HF weight folders are read with safetensors/transformers, which need "
-                           "local files",
-    "launch.py": "packs this local checkout and local requirements into a tarball for the pod",
+    "interop/hf.py": "HF weight folders are read with safetensors/transformers, which need "
+                     "local files",
 }
 PRAGMA = re.compile(r"#\s*local-path-ok:\s*\S")
 

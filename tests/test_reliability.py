@@ -22,6 +22,8 @@ import tiny
 from conftest import REPO
 from gseps_jax import checkpoint as ckpt_lib
 from gseps_jax import fileio
+from gseps_jax import metrics_log
+from gseps_jax import state as state_lib
 from gseps_jax import trainer
 
 BASE = {"train.max_steps": 4, "checkpoint.every_steps": 2}
@@ -150,12 +152,12 @@ def test_readers_fall_back_from_a_damaged_step_and_refuse_it_by_name(base_run, t
   wd = _copy(base_run, tmp_path)
   _damage(wd, 4)
   with caplog.at_level("WARNING"):
-    _, _, params, step = trainer.restore_params(str(wd))
+    _, _, params, step = state_lib.restore_params(str(wd))
   assert step == 2
   assert any("step 4" in m and "damaged" in m for m in _warnings(caplog))
   assert _steps(wd) == [2, 4] and not (wd / "checkpoints_damaged").exists()  # readers move nothing
   with pytest.raises(ckpt_lib.CheckpointDamagedError) as e:
-    trainer.restore_params(str(wd / "checkpoints" / "4"))
+    state_lib.restore_params(str(wd / "checkpoints" / "4"))
   msg = str(e.value)
   assert "step 4" in msg and "\n" not in msg and len(msg) < 600
 
@@ -334,7 +336,7 @@ def test_huge_lr_stops_before_saving_exploded_weights(base_run, tmp_path):
   assert "optim.lr (now 1e+30" in msg and "optim.clip_norm (now 2" in msg
   assert "enable" not in msg and "hinge" in msg
   assert _steps(wd) == [2, 4]  # nothing saved after the explosion
-  _, _, params, step = trainer.restore_params(str(wd))
+  _, _, params, step = state_lib.restore_params(str(wd))
   assert step == 4
   assert all(np.isfinite(float(jnp.sum(jnp.square(p)))) for p in jax.tree.leaves(params))
 
@@ -367,7 +369,7 @@ def test_metrics_writer_keeps_each_step_once(tmp_path):
   rows = [{"step": s, "train/loss": float(s)} for s in range(1, 6)]
   (tmp_path / "metrics.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "train/lo')  # torn last line
-  w = trainer.MetricsWriter(tmp_path, resume_step=3)
+  w = metrics_log.MetricsWriter(tmp_path, resume_step=3)
   assert _rows(tmp_path) == rows[:3]
   w.write(4, {"loss": 4.5}, "train/")
   w.write(4, {"rsum": 1.0}, "test/")

@@ -140,14 +140,15 @@ def test_unknown_remat_is_refused():
 def test_full_model_param_tree_and_fingerprint_do_not_depend_on_remat(family):
   import importlib  # pylint: disable=g-import-not-at-top
   from gseps_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from gseps_jax import export, models  # pylint: disable=g-import-not-at-top
+  from gseps_jax import models  # pylint: disable=g-import-not-at-top
+  from gseps_jax.interop import common as interop_common  # pylint: disable=g-import-not-at-top
   mod = importlib.import_module(f"configs.{family}")
   trees, prints = {}, {}
   for mode in ("none", "blocks"):
     c = mod.get_config("tiny")
     c.model.remat = mode
     model = models.build_model(c.model)
-    trees[mode] = _flat_shapes(export.abstract_params(c, model))
+    trees[mode] = _flat_shapes(interop_common.abstract_params(c, model))
     prints[mode] = ckpt_lib.fingerprint(c)
   assert trees["blocks"] == trees["none"]
   assert any(p.startswith("vision_encoder/encoder/layer_1/") for p in trees["none"])
@@ -155,7 +156,8 @@ def test_full_model_param_tree_and_fingerprint_do_not_depend_on_remat(family):
   # A config saved before model.remat existed still builds (remat off).
   c = mod.get_config("tiny")
   del c.model["remat"]
-  assert _flat_shapes(export.abstract_params(c, models.build_model(c.model))) == trees["none"]
+  model = models.build_model(c.model)
+  assert _flat_shapes(interop_common.abstract_params(c, model)) == trees["none"]
 
 
 def test_validate_rejects_unknown_remat():

@@ -26,9 +26,14 @@ from gseps_jax import explain as explain_lib
 from gseps_jax import models
 from gseps_jax import optim
 from gseps_jax import retrieve
+from gseps_jax import state as state_lib
 from gseps_jax import trainer
 from gseps_jax.data import pipeline
 from gseps_jax.data import tokenizer
+from gseps_jax.search import encoder as search_encoder
+from gseps_jax.search import index as index_lib
+from gseps_jax.search import query
+from gseps_jax.search import sources
 
 NUM_TEST = 16
 CAPTIONS_PER_IMAGE = 5
@@ -81,13 +86,13 @@ def trained(tmp_path_factory):
   shared, results = _train_once(tmp_path_factory)
   root = tmp_path_factory.mktemp("retrieve")
   workdir = shared / "grm"
-  config, model, params, step = trainer.restore_params(str(workdir))
-  retriever = retrieve.Retriever(config, model, params)
-  source = retrieve.open_images("dataset:test", config)
-  out = retrieve.build_index(retriever, source, root / "index", checkpoint=str(workdir),
+  config, model, params, step = state_lib.restore_params(str(workdir))
+  retriever = search_encoder.Retriever(config, model, params)
+  source = sources.open_images("dataset:test", config)
+  out = index_lib.build_index(retriever, source, root / "index", checkpoint=str(workdir),
                              step=step)
   return dict(root=root, workdir=workdir, results=results, config=config, model=model,
-              params=params, step=step, retriever=retriever, index=retrieve.load_index(out),
+              params=params, step=step, retriever=retriever, index=index_lib.load_index(out),
               source=source)
 
 
@@ -123,7 +128,7 @@ def test_index_layout_and_features_match_the_model(trained):
   # Written atomically: no temporary directories left beside it, and no silent overwrite.
   assert sorted(p.name for p in index.path.parent.iterdir() if "tmp" in p.name) == []
   with pytest.raises(FileExistsError, match="--overwrite"):
-    retrieve.build_index(trained["retriever"], trained["source"], index.path)
+    index_lib.build_index(trained["retriever"], trained["source"], index.path)
 
 
 def test_caption_queries_find_their_image_far_above_chance(trained):
@@ -133,7 +138,7 @@ def test_caption_queries_find_their_image_far_above_chance(trained):
   path: its pipeline batches and sharded scorer) on the same checkpoint."""
   index = trained["index"]
   captions = index.caption_texts
-  hits = retrieve.search_texts(trained["retriever"], index, captions, k=5)
+  hits = query.search_texts(trained["retriever"], index, captions, k=5)
   truth = np.arange(len(captions)) // CAPTIONS_PER_IMAGE
   top = np.array([[h["index"] for h in hs] for hs in hits])  # [80, 5]
   scores = np.array([[h["score"] for h in hs] for hs in hits])
@@ -152,12 +157,12 @@ def test_image_query_ranks_stored_captions_like_fresh_ones(trained):
   retriever, index = trained["retriever"], trained["index"]
   rec = _test_record(trained, 3)
   n = len(index.caption_texts)
-  stored, mode = retrieve.search_image(retriever, rec["image"], index.caption_texts, k=n,
+  stored, mode = query.search_image(retriever, rec["image"], index.caption_texts, k=n,
                                        caption_feats=index.captions)
   assert mode == "none"
   assert [h["rank"] for h in stored] == list(range(1, n + 1))
   subset = index.caption_texts[:40]
-  fresh, _ = retrieve.search_image(retriever, rec["image"], subset, k=5)
+  fresh, _ = query.search_image(retriever, rec["image"], subset, k=5)
   # The full stored ranking restricted to the first 40 captions: its top 5 must be the fresh top 5.
   best_in_subset = [h for h in stored if h["index"] < 40][:5]
   assert len(best_in_subset) == len(fresh) == 5
@@ -174,10 +179,10 @@ def test_folder_index_equals_dataset_index(trained, tmp_path):
     rec = _test_record(trained, i)
     Image.open(io.BytesIO(rec["image"])).save(folder / f"img_{i:02d}.png")  # lossless copy
   (folder / "notes.txt").write_text("not an image")
-  source = retrieve.open_images(str(folder), trained["config"])
+  source = sources.open_images(str(folder), trained["config"])
   assert source.names == [f"img_{i:02d}.png" for i in range(8)]
-  out = retrieve.build_index(trained["retriever"], source, tmp_path / "idx")
-  index = retrieve.load_index(out)
+  out = index_lib.build_index(trained["retriever"], source, tmp_path / "idx")
+  index = index_lib.load_index(out)
   assert index.captions is None and index.meta["images"][0]["path"].endswith("img_00.png")
   np.testing.assert_allclose(index.images["ori"], trained["index"].images["ori"][:8], atol=1e-5)
   np.testing.assert_array_equal(index.images["key_mask"], trained["index"].images["key_mask"][:8])
@@ -197,7 +202,7 @@ def test_cli_query_json(trained, capsys):
   assert out["hits"][0]["score"] >= out["hits"][1]["score"] >= out["hits"][2]["score"]
   assert all(h["name"] == f"test_{h['index']}" for h in out["hits"])
   # Same ranking as the library call (the CLI restored the checkpoint recorded in the index).
-  lib = retrieve.search_texts(trained["retriever"], trained["index"], [rec["captions"][1]], k=3)[0]
+  lib = query.search_texts(trained["retriever"], trained["index"], [rec["captions"][1]], k=3)[0]
   assert [h["index"] for h in lib] == [h["index"] for h in out["hits"]]
 
 
@@ -210,7 +215,7 @@ def test_cli_index_of_a_folder_then_query_and_explain(trained, tmp_path, capsys)
   wd = str(trained["workdir"])
   assert retrieve.main(["index", f"--checkpoint={wd}", f"--images={folder}",
                         f"--out={tmp_path / 'idx'}"]) == 0
-  index = retrieve.load_index(tmp_path / "idx")
+  index = index_lib.load_index(tmp_path / "idx")
   assert [m["path"].rsplit("/", 1)[-1] for m in index.meta["images"]] == [
       f"p{i}.png" for i in range(8)]
   np.testing.assert_allclose(index.images["ori"], trained["index"].images["ori"][:8], atol=1e-5)
@@ -220,7 +225,7 @@ def test_cli_index_of_a_folder_then_query_and_explain(trained, tmp_path, capsys)
   assert retrieve.main(["query", f"--index={tmp_path / 'idx'}", f"--text={text}", "--k=8",
                         "--json"]) == 0
   hits = json.loads(capsys.readouterr().out)["hits"]
-  lib = retrieve.search_texts(trained["retriever"], index, [text], k=8)[0]
+  lib = query.search_texts(trained["retriever"], index, [text], k=8)[0]
   assert [h["index"] for h in hits] == [h["index"] for h in lib] and len(hits) == 8
   assert retrieve.main(["explain", f"--checkpoint={wd}", f"--image={folder / 'p5.png'}",
                         f"--text={text}", f"--out={tmp_path / 'fig.png'}"]) == 0
@@ -232,7 +237,7 @@ def test_cli_index_of_a_folder_then_query_and_explain(trained, tmp_path, capsys)
 def test_format_hits_table():
   hits = [dict(rank=1, score=0.5, index=3, name="a.png", path=""),
           dict(rank=2, score=-0.25, index=0, name="bb.png", path="")]
-  lines = retrieve.format_hits(hits, "image").splitlines()
+  lines = query.format_hits(hits, "image").splitlines()
   assert lines[0].split() == ["rank", "score", "image"]
   assert lines[2].split() == ["1", "0.5000", "a.png"]
   assert lines[3].split() == ["2", "-0.2500", "bb.png"]
@@ -244,10 +249,10 @@ def _zero_checkpoint(config, workdir):
   key = jax.random.key(0)
   abstract = jax.eval_shape(lambda: model.init(
       {"params": key, "dropout": key, "gumbel": key, "noise": key},
-      trainer.sample_batch(config), train=False)["params"])
+      state_lib.sample_batch(config), train=False)["params"])
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   tx, _, _ = optim.make_optimizer(config.optim, 1, abstract)
-  state = trainer.TrainState(step=np.zeros((), np.int32), params=params,
+  state = state_lib.TrainState(step=np.zeros((), np.int32), params=params,
                              opt_state=tx.init(params))
   ckpt = ckpt_lib.Checkpointer(workdir, best_metric=None, async_save=False)
   ckpt.save(0, state, {"config": config.to_dict(), "fingerprint": ckpt_lib.fingerprint(config),
@@ -259,21 +264,21 @@ def _zero_checkpoint(config, workdir):
 def test_query_with_another_models_checkpoint_is_a_clear_error(trained, tmp_path):
   other = seps_vit.get_config("tiny")
   _zero_checkpoint(other, tmp_path / "seps")
-  with pytest.raises(retrieve.IndexMismatchError, match=r"different model.*model\.name"):
+  with pytest.raises(index_lib.IndexMismatchError, match=r"different model.*model\.name"):
     retrieve.main(["query", f"--index={trained['index'].path}",
                    f"--checkpoint={tmp_path / 'seps'}", "--text=a red circle"])
 
 
 def test_same_model_other_weights_is_a_clear_error(trained):
   index, config, params = trained["index"], trained["config"], trained["params"]
-  retrieve.check_index(index, config, params)  # the right weights pass
+  index_lib.check_index(index, config, params)  # the right weights pass
   nudged = jax.tree.map(lambda x: x * 1.01, params)
-  with pytest.raises(retrieve.IndexMismatchError, match="other weights"):
-    retrieve.check_index(index, config, nudged)
+  with pytest.raises(index_lib.IndexMismatchError, match="other weights"):
+    index_lib.check_index(index, config, nudged)
   bigger = config.copy_and_resolve_references()
   bigger.data.image_size = 64
-  with pytest.raises(retrieve.IndexMismatchError, match="data.image_size"):
-    retrieve.check_index(index, bigger)
+  with pytest.raises(index_lib.IndexMismatchError, match="data.image_size"):
+    index_lib.check_index(index, bigger)
 
 
 def test_seps_dense_modes_and_dense_file_errors(tmp_path):
@@ -282,25 +287,25 @@ def test_seps_dense_modes_and_dense_file_errors(tmp_path):
   folder.mkdir()
   Image.new("RGB", (8, 8)).save(folder / "a.png")
   Image.new("RGB", (8, 8)).save(folder / "b.png")
-  src = retrieve.open_images(str(folder), seps)
-  assert retrieve.dense_mode_for(seps, src)[0] == "sparse_only"
+  src = sources.open_images(str(folder), seps)
+  assert index_lib.dense_mode_for(seps, src)[0] == "sparse_only"
   dense = tmp_path / "dense.jsonl"
   dense.write_text(json.dumps({"image": "a.png", "dense_caption": "a black square"}) + "\n")
   with pytest.raises(ValueError, match="1 images have none"):
-    retrieve.open_images(str(folder), seps, str(dense))
+    sources.open_images(str(folder), seps, str(dense))
   with dense.open("a") as f:
     f.write(json.dumps({"image": "b.png", "dense_caption": "another black square"}) + "\n")
-  src = retrieve.open_images(str(folder), seps, str(dense))
-  assert retrieve.dense_mode_for(seps, src)[0] == "honest"
+  src = sources.open_images(str(folder), seps, str(dense))
+  assert index_lib.dense_mode_for(seps, src)[0] == "honest"
   assert src.read([1])[0]["dense"] == "another black square"
   laps = seps_vit.get_config("tiny,use_dense=false")
-  assert retrieve.dense_mode_for(laps, src)[0] == "none"
+  assert index_lib.dense_mode_for(laps, src)[0] == "none"
 
 
 def test_bucket_sizes():
-  assert [retrieve.bucket(n, 8) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
+  assert [search_encoder.bucket(n, 8) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
   with pytest.raises(ValueError):
-    retrieve.bucket(0, 8)
+    search_encoder.bucket(0, 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +359,7 @@ def seps_explainer():
   key = jax.random.key(0)
   abstract = jax.eval_shape(lambda: model.init(
       {"params": key, "dropout": key, "gumbel": key, "noise": key},
-      trainer.sample_batch(config), train=False)["params"])
+      state_lib.sample_batch(config), train=False)["params"])
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: (0.2 * rng.standard_normal(a.shape)).astype(a.dtype), abstract)
   return explain_lib.Explainer(config, model, params)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from configs import laps_vit, seps_swin, seps_vit
+from gseps_jax.interop import official_seps
+from gseps_jax.models import sdtps
 from gseps_jax.models import seps
 import seps_reference as ref
 
@@ -109,10 +111,10 @@ def test_topk_ties_lower_index_first_and_fractional_k():
   head = seps.SEPSHead(num_aggregated=N_C, rho=0.7, use_dense=False)
   v = {"params": _f32(params)}
   img = head.apply(v, _f32(x[None]), method=head.prepare_images)
-  txt = seps.prepare_texts(_f32(text[None]), np.ones((1, 2), bool))
+  txt = sdtps.prepare_texts(_f32(text[None]), np.ones((1, 2), bool))
   cos = jnp.einsum("ind,jd->ijn", img["xn"], txt["glo"])
-  assert seps.num_kept(4, 0.7) == 3
-  got = seps.sdtps_tokens(img, cos, k=3, selection="official", st_temperature=0.05)[0, 0]
+  assert sdtps.num_kept(4, 0.7) == 3
+  got = sdtps.sdtps_tokens(img, cos, k=3, selection="official", st_temperature=0.05)[0, 0]
   p = _ref_params(params["aggr_net"])
   want = ref.sdtps(x, text, p, 0.7, tie_break="low")
   other = ref.sdtps(x, text, p, 0.7, tie_break="high")
@@ -121,14 +123,14 @@ def test_topk_ties_lower_index_first_and_fractional_k():
 
 
 def test_counts_of_official_configs():
-  assert [seps.num_aggregated(n, a, r) for n, a, r in
+  assert [sdtps.num_aggregated(n, a, r) for n, a, r in
           [(196, 0.4, 0.5), (576, 0.4, 0.5), (49, 0.6, 0.8), (144, 0.6, 0.8)]] == [39, 115, 23, 69]
   got = [seps.SEPS.from_config(m.get_config(v).model).num_aggregated
          for m, v in [(seps_vit, None), (seps_vit, "384"), (seps_swin, None), (seps_swin, "384")]]
   assert got == [39, 115, 23, 69]
-  assert seps.num_kept(196, 0.5) == 98 and seps.num_kept(49, 0.8) == 40
-  assert seps.has_cls(197) and not seps.has_cls(49) and not seps.has_cls(144)
-  assert seps.ratio_loss(98, 196, 0.5, 2, 2.0) == pytest.approx(0.5)
+  assert sdtps.num_kept(196, 0.5) == 98 and sdtps.num_kept(49, 0.8) == 40
+  assert sdtps.has_cls(197) and not sdtps.has_cls(49) and not sdtps.has_cls(144)
+  assert sdtps.ratio_loss(98, 196, 0.5, 2, 2.0) == pytest.approx(0.5)
   assert not laps_vit.get_config().model.seps.use_dense
 
 
@@ -242,36 +244,36 @@ def tiny_official():
 
 def test_official_round_trip(tiny_official):
   c, params = tiny_official
-  sd = seps.params_to_official(params, c)
+  sd = official_seps.params_to_official(params, c)
   assert sd["cross_net.aggr_net.scale"].shape == (1, 1, 1)
   assert sd["cross_net.aggr_net.weight.1.weight"].shape == (6, 32)  # [int(0.2 D), D]
   assert sd["cross_net.aggr_net.weight.3.weight"].shape == (30, 6)  # [N_c, hidden]
   assert sd["img_enc.vision_proj.weight"].shape == (32, 64)  # torch [out, in]
   assert any(k.startswith("img_enc.visual_encoder.encoder.layers.1.") for k in sd)
   assert any(k.startswith("txt_enc.bert.encoder.layer.1.") for k in sd)
-  back = seps.params_from_official(sd, c)
+  back = official_seps.params_from_official(sd, c)
   flat = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(t)}
   a, b = flat(params), flat(back)
   assert a.keys() == b.keys()
   for k in a:
     assert a[k].shape == b[k].shape and np.array_equal(a[k], b[k]), k
-  sd2 = seps.params_to_official(back, c)
+  sd2 = official_seps.params_to_official(back, c)
   assert sd.keys() == sd2.keys() and all(np.array_equal(sd[k], sd2[k]) for k in sd)
 
 
 def test_official_errors_list_every_name(tiny_official):
   c, params = tiny_official
-  sd = seps.params_to_official(params, c)
+  sd = official_seps.params_to_official(params, c)
   del sd["txt_enc.fc.bias"]
   del sd["img_enc.visual_encoder.layernorm.weight"]
   sd["cross_net.extra.weight"] = np.zeros(3)
   sd["cross_net.aggr_net.weight.3.weight"] = np.zeros((7, 6), np.float32)
   with pytest.raises(ValueError) as err:
-    seps.params_from_official(sd, c)
+    official_seps.params_from_official(sd, c)
   msg = str(err.value)
   for name in ("txt_enc.fc.bias", "img_enc.visual_encoder.layernorm.weight",
                "cross_net.extra.weight", "cross_net.aggr_net.weight.3.weight"):
     assert name in msg, (name, msg)
   bad = dict(params, cross_net={"aggr_net": dict(params["cross_net"]["aggr_net"], extra=0.0)})
   with pytest.raises(ValueError, match="cross_net/aggr_net/extra"):
-    seps.params_to_official(bad, c)
+    official_seps.params_to_official(bad, c)

@@ -2,7 +2,7 @@
 and evaluation, the i/n warm-up, and the dense-caption leak audit (issue 19).
 
 Real data: tests/data/seps_dense_sample.jsonl holds five Flickr30K test dense captions copied
-unchanged from ../shared/data/f30k/f30k_test.jsonl (lines 1, 31, 425, 581, 893: 123, 114, 136,
+unchanged from the Flickr30K test split's dense-caption file f30k_test.jsonl (lines 1, 31, 425, 581, 893: 123, 114, 136,
 63 and 178 word pieces with the bert-base-uncased vocabulary, the last the longest of the
 1,000-image split).
 """
@@ -17,6 +17,7 @@ import pytest
 
 from configs import laps_vit, seps_swin, seps_vit
 from gseps_jax import evaluate
+from gseps_jax import evaluator
 from gseps_jax import trainer
 from gseps_jax.data import pipeline
 from gseps_jax.data import tokenizer as tokenizer_lib
@@ -204,11 +205,11 @@ def test_warmup_scale_is_i_over_n():
 
 def test_dense_derangement():
   for n, seed in ((2, 0), (5, 1), (1000, 7)):
-    p = evaluate.dense_derangement(n, seed)
+    p = evaluator.dense_derangement(n, seed)
     assert sorted(p.tolist()) == list(range(n)) and not np.any(p == np.arange(n))
-  assert not np.array_equal(evaluate.dense_derangement(50, 0), evaluate.dense_derangement(50, 1))
+  assert not np.array_equal(evaluator.dense_derangement(50, 0), evaluator.dense_derangement(50, 1))
   with pytest.raises(ValueError, match="2 images"):
-    evaluate.dense_derangement(1, 0)
+    evaluator.dense_derangement(1, 0)
 
 
 def test_leak_audit_on_tiny_checkpoint(tmp_path, capsys):

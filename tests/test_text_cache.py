@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from gseps_jax.data import pipeline, text_cache
-from gseps_jax.models import hf_import
+from gseps_jax.interop import hf as hf_import
 from tests import tiny
 
 CAPTIONS = [
@@ -139,6 +139,7 @@ def test_training_loss_same_with_cache(tmp_path, minilm):
   equals the loss of running the frozen tower (dropout off in it), and differs when the cached
   rows are those of other captions."""
   from gseps_jax import models, trainer
+  from gseps_jax import state as state_lib
   config = _config(tmp_path, **{"data.hflip": 0.5})
   config.data.data_dir = str(tiny.DATA_DIR)
   tiny.ensure_data(config)
@@ -149,7 +150,7 @@ def test_training_loss_same_with_cache(tmp_path, minilm):
   model = models.build_model(config.model)
   key = jax.random.key(0)
   params = model.init({"params": key, "dropout": key, "gumbel": key, "noise": key},
-                      trainer.sample_batch(config), train=False)["params"]
+                      state_lib.sample_batch(config), train=False)["params"]
   params = dict(params, text_encoder=minilm[1])
   jitted = jax.jit(lambda b: trainer.loss_fn(params, b, key, 0, model=model, config=config,
                                              steps_per_epoch=4)[0])
@@ -167,13 +168,14 @@ def test_models_use_text_hidden_in_place_of_the_frozen_tower(name):
   training forward scores exactly as when the tower runs (no dropout in a frozen tower), and
   differently when the features are of other captions."""
   from gseps_jax import models, trainer
+  from gseps_jax import state as state_lib
   config = tiny.tiny_config(name)
   config.model.freeze_text = True
   config.model.text.hidden_dropout_prob = 0.3  # dropout a frozen tower must not apply
   model = models.build_model(config.model)
   key = jax.random.key(1)
   rngs = {"params": key, "dropout": key, "gumbel": key, "noise": key}
-  batch = trainer.sample_batch(config, 4)
+  batch = state_lib.sample_batch(config, 4)
   r = np.random.default_rng(0)
   batch["input_ids"] = r.integers(1000, 2000, batch["input_ids"].shape).astype(np.int32)
   batch["dense_ids"] = r.integers(1000, 2000, batch["dense_ids"].shape).astype(np.int32)

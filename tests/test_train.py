@@ -17,6 +17,7 @@ import tiny
 from conftest import REPO
 from gseps_jax import checkpoint as ckpt_lib
 from gseps_jax import optim
+from gseps_jax import state as state_lib
 from gseps_jax import trainer
 
 WORKER = str(REPO / "tests" / "_train_worker.py")
@@ -47,7 +48,7 @@ def straight_run(tmp_path_factory):
 
 
 def _params(workdir):
-  _, _, params, step = trainer.restore_params(workdir)
+  _, _, params, step = state_lib.restore_params(workdir)
   return jax.device_get(params), step
 
 

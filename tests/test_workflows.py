@@ -25,7 +25,8 @@ from configs import seps_vit
 from gseps_jax import evaluate
 from gseps_jax import export
 from gseps_jax import metrics
-from gseps_jax import trainer
+from gseps_jax import state as state_lib
+from gseps_jax.interop import official_seps
 from test_official_layout import random_official_state_dict
 
 
@@ -70,7 +71,8 @@ def test_export_from_official_command_line(tmp_path):
   config = seps_vit.get_config("tiny")
   sd = random_official_state_dict(config, tmp_path, seed=8)
   pth = tmp_path / "model_best.pth"
-  opt = argparse.Namespace(**dict(export.OFFICIAL_OPT_DEFAULTS, embed_size=32, num_patches=16))
+  opt = argparse.Namespace(**dict(official_seps.OFFICIAL_OPT_DEFAULTS, embed_size=32,
+                                  num_patches=16))
   torch.save({"model": sd, "opt": opt, "epoch": 3, "best_rsum": 1.5, "Eiters": 40}, pth)
   env = {k: v for k, v in os.environ.items() if not k.startswith(("GSEPS_", "SLURM_", "TPU_"))}
   env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -80,10 +82,10 @@ def test_export_from_official_command_line(tmp_path):
       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (tmp_path / "imported" / "config.json").is_file()
-  _, _, got, step = trainer.restore_params(str(tmp_path / "imported"))
+  _, _, got, step = state_lib.restore_params(str(tmp_path / "imported"))
   assert step == 0
   lib = export.import_official(pth, config, tmp_path / "lib")
-  _, _, want, _ = trainer.restore_params(str(lib))
+  _, _, want, _ = state_lib.restore_params(str(lib))
   jax.tree.map(np.testing.assert_array_equal, got, want)
   np.testing.assert_array_equal(np.asarray(got["cross_net"]["aggr_net"]["fc1"]["kernel"]),
                                 sd["cross_net.aggr_net.weight.1.weight"].numpy().T)

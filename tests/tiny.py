@@ -92,7 +92,9 @@ def random_checkpoint(workdir, config, seed: int = 0, step: int = 2):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from gseps_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from gseps_jax import export, optim, trainer  # pylint: disable=g-import-not-at-top
+  from gseps_jax import optim  # pylint: disable=g-import-not-at-top
+  from gseps_jax.interop import common as interop_common  # pylint: disable=g-import-not-at-top
+  from gseps_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
 
   def one(path, s):
@@ -101,9 +103,9 @@ def random_checkpoint(workdir, config, seed: int = 0, step: int = 2):
       x = 1.0 + x if s.shape else np.full(s.shape, 1.7)
     return np.asarray(x, np.float32)
 
-  params = jax.tree_util.tree_map_with_path(one, export.abstract_params(config))
+  params = jax.tree_util.tree_map_with_path(one, interop_common.abstract_params(config))
   tx, _, _ = optim.make_optimizer(config.optim, 10, params)
-  state = trainer.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+  state = state_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                              opt_state=jax.jit(tx.init)(params))
   ckpt = ckpt_lib.Checkpointer(workdir, best_metric=None, async_save=False)
   try:
@@ -153,3 +155,19 @@ def fingerprinted_checkpoint(workdir, config, step: int = 1):
   ck.save(step, tree, {"fingerprint": ckpt_lib.fingerprint(config)})
   ck.wait()
   return ck, abstract(tree)
+
+
+def official_head_shapes(embed_dim: int, vision_width: int, text_width: int,
+                         num_aggregated: int) -> dict:
+  """Official SEPS name -> torch shape of every non-encoder tensor, written from the official
+  module definitions (not from our tables): the oracle of the layout tests."""
+  e, hidden, n_c = embed_dim, int(embed_dim * 0.2), num_aggregated
+  return {
+      "img_enc.vision_proj.weight": (e, vision_width), "img_enc.vision_proj.bias": (e,),
+      "txt_enc.fc.weight": (e, text_width), "txt_enc.fc.bias": (e,),
+      "cross_net.aggr_net.scale": (1, 1, 1),
+      "cross_net.aggr_net.weight.0.weight": (e,), "cross_net.aggr_net.weight.0.bias": (e,),
+      "cross_net.aggr_net.weight.1.weight": (hidden, e),
+      "cross_net.aggr_net.weight.1.bias": (hidden,),
+      "cross_net.aggr_net.weight.3.weight": (n_c, hidden),
+      "cross_net.aggr_net.weight.3.bias": (n_c,)}

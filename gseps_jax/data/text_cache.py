@@ -224,8 +224,10 @@ def enabled(config, *, kind: str = "captions", train: bool = False) -> bool:
   m = config.model
   if not (m.get("freeze_text", False) and m.get("cache_text", True) and m.get("text_hf_dir", "")):
     return False
-  if kind == "dense" and not (m.get("name") == "seps" and m.seps.get("use_dense", True)):
-    return False
+  if kind == "dense":
+    from gseps_jax import models  # pylint: disable=g-import-not-at-top
+    if not models.build_model(m).uses_dense:
+      return False
   if train and kind == "captions" and float(config.data.get("text_aug_prob", 0.0)) > 0:
     log.warning("Text augmentation is on (data.text_aug_prob = %s): the frozen text tower runs "
                 "every step instead of reading cached features.", config.data.text_aug_prob)
@@ -240,7 +242,7 @@ def for_split(config, source, split: str, *, kind: str = "captions",
   swapped rows when `data.hflip > 0`."""
   if not enabled(config, kind=kind, train=train):
     return None
-  from gseps_jax.models import hf_import  # pylint: disable=g-import-not-at-top
+  from gseps_jax.interop import hf as hf_import  # pylint: disable=g-import-not-at-top
 
   tok = tok or sources.tokenizer_from_config(config)
   max_len = int(config.data.max_len if kind == "captions" else config.data.dense_max_len)

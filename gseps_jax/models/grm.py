@@ -1,7 +1,8 @@
 """GRM: saliency adapters, region prompts and region uncertainty over a dual encoder, in Flax.
 
-Spec: `spec/grm.md`. Per image, V `[Lv, E]` = projected vision tokens; per caption, T `[Lt, E]`
-= projected word tokens with a padding mask.
+Design: docs/grm_design.md; the building blocks are in models/grm_heads.py. Per image, V
+`[Lv, E]` = projected vision tokens; per caption, T `[Lt, E]` = projected word tokens with a
+padding mask.
 
   1. Saliency adapters (SA for vision, GA for text): LayerNorm -> Dense(E//4) -> GELU ->
      Dense(2) -> log_softmax; column 0 = keep. Training: Gumbel-Softmax (temperature `tau`),
@@ -35,10 +36,11 @@ collapsing onto a single patch, it no longer pushes every map towards uniform).
 
 Ablation switches (`grm.use_sa`, `use_ga`, `use_regions`, `use_uncertainty`) and zero level
 weights remove components for benchmarks/grm_ablation.py; a level of weight 0 is not computed.
+The auxiliary losses are computed by `losses.grm_aux` from the head's named intermediates.
 """
 
 import math
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -46,317 +48,166 @@ import jax.numpy as jnp
 
 from gseps_jax import losses
 from gseps_jax.models import encoders
-from gseps_jax.models import layers
-from gseps_jax.models.similarity import l2_normalize, token_similarity, token_similarity_multi
+from gseps_jax.models import grm_heads
+from gseps_jax.models.similarity import token_similarity, token_similarity_multi
 
 LEVELS = ("ori", "key", "unc")
-
-
-# ----------------------------------------------------------------------------- saliency adapter
-
-
-class SaliencyAdapter(nn.Module):
-  """Per-token keep/drop decision (SA / GA).
-
-  Attributes:
-    tau: Gumbel-Softmax temperature.
-    hard: training forward uses the 0/1 sample with straight-through gradients (True) or the
-      soft keep probability of the perturbed logits (False).
-    dtype: compute dtype of the MLP; its output layer (the two logits) and the probabilities are
-      float32 whatever it is.
-  """
-  tau: float = 1.0
-  hard: bool = True
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, tokens: jax.Array, valid: jax.Array, *, train: bool) -> dict:
-    """Decides which tokens to keep.
-
-    Args:
-      tokens: `[B, L, D]`.
-      valid: `[B, L]` bool, False on padding.
-      train: Gumbel sampling (needs the 'gumbel' rng) vs deterministic argmax.
-
-    Returns:
-      dict with
-        'mask': `[B, L]` float32 keep weight: 0/1 in the forward pass (hard or eval), with the
-          soft keep probability's gradient in training (straight-through); the soft
-          probability itself when training with `hard=False`. Always 0 on padding.
-        'keep': `[B, L]` bool, the hard keep decision (eval: the tokens scored at the key level;
-          training with `hard=False`: the sampled decision, reported only: there every valid
-          token is present with its soft weight).
-        'prob': `[B, L]` float32 keep probability softmax(logits)[..., 0] (no noise).
-    """
-    d = tokens.shape[-1]
-    h = nn.LayerNorm(dtype=self.dtype, name="norm")(tokens)
-    h = nn.Dense(max(1, d // 4), dtype=self.dtype, name="fc1")(h)
-    h = layers.gelu(h)
-    ft = jnp.promote_types(self.dtype, jnp.float32)  # float32 (float64 in the x64 tests)
-    # The logits in float32 also for bf16 compute: only their difference counts (log_softmax),
-    # and bf16 keeps 8 significant bits of each (tests/test_bf16.py). Two outputs: free.
-    logits = nn.Dense(2, dtype=ft, name="fc2")(h)
-    logp = jax.nn.log_softmax(logits.astype(ft), axis=-1)  # [B, L, 2]
-    prob = jnp.exp(logp[..., 0])
-    keep_logit = logp[..., 0] - logp[..., 1]
-    valid = valid.astype(bool)
-    if train:
-      g = jax.random.gumbel(self.make_rng("gumbel"), logp.shape, ft)
-      perturbed = (logp + g) / self.tau
-      soft = jax.nn.softmax(perturbed, axis=-1)[..., 0]
-      sampled = perturbed[..., 0] >= perturbed[..., 1]
-    else:
-      soft, sampled = prob, keep_logit >= 0.0
-    keep = sampled & valid
-    # At least one token per item: the valid token with the highest (noise-free) keep logit.
-    best = jnp.argmax(jnp.where(valid, keep_logit, -jnp.inf), axis=-1)
-    forced = (jax.nn.one_hot(best, keep.shape[-1], dtype=bool) & valid
-              & ~jnp.any(keep, axis=-1, keepdims=True))
-    keep = keep | forced
-    if not train:
-      mask = keep.astype(ft)
-    elif self.hard:
-      mask = keep.astype(ft) + soft - jax.lax.stop_gradient(soft)
-    else:
-      mask = soft
-    return {"mask": jnp.where(valid, mask, 0.0), "keep": keep, "prob": prob}
-
-
-# ----------------------------------------------------------------------------- region prompts
-
-
-class RegionPrompts(nn.Module):
-  """K learnable prompts -> column-normalised region attention and region means.
-
-  Attributes:
-    num_regions: K.
-    normalize_tokens: score cos(V_hat, P) instead of V_hat . normalize(P) (avoids a saturated
-      sigmoid when token norms are large; pair it with a learnable scale).
-    learn_scale: learnable logit scale and bias (initialised to `init_scale`, 0).
-    init_scale: (initial) logit scale; the paper's form is scale 1, bias 0, not learnable.
-    prompt_init: "orthogonal" (K orthonormal prompts: distinct directions from step 0; needs
-      K <= D) or "normal" (i.i.d. N(0, 1), the first implementation's).
-    eps: column-normalisation epsilon.
-  """
-  num_regions: int
-  normalize_tokens: bool = False
-  learn_scale: bool = False
-  init_scale: float = 1.0
-  prompt_init: str = "normal"
-  eps: float = 1e-6
-
-  @nn.compact
-  def __call__(self, tokens: jax.Array, keep: jax.Array):
-    """Region attention over the kept tokens.
-
-    Args:
-      tokens: `[B, L, D]` V_hat.
-      keep: `[B, L]` bool, or float keep weights (the adapters' straight-through mask: the
-        attention is multiplied by it, so dropped tokens get attention 0 and the keep
-        probability gets the gradient).
-
-    Returns:
-      attn: `[B, L, K]` Â, each column sums to 1 over kept tokens.
-      means: `[B, K, D]` mu.
-      stats: scalars 'region_entropy' (mean column entropy of Â, nats), 'region_cos' (overlap
-        of the region maps: mean pairwise cosine between the columns of Â; 1 = every region
-        on the same patches, 0 = disjoint; `map_overlap`), 'region_mean_cos' (mean pairwise
-        cosine between the region means, uncentered: near 1 whenever the tokens share a
-        common component, even for distinct maps); the cosines are 0 when K = 1.
-    """
-    d = tokens.shape[-1]
-    if self.prompt_init == "orthogonal":
-      if self.num_regions > d:
-        raise ValueError(f"model.grm.region_prompt_init='orthogonal' needs num_regions <= "
-                         f"embed_dim, got {self.num_regions} > {d}; use 'normal'")
-      init = nn.initializers.orthogonal()
-    elif self.prompt_init == "normal":
-      init = nn.initializers.normal(1.0)
-    else:
-      raise ValueError(f"model.grm.region_prompt_init must be 'orthogonal' or 'normal', got "
-                       f"{self.prompt_init!r}")
-    prompts = self.param("prompts", init, (self.num_regions, d))
-    if self.learn_scale:
-      scale = self.param("logit_scale", nn.initializers.constant(self.init_scale), ())
-      bias = self.param("logit_bias", nn.initializers.zeros, ())
-    else:
-      scale, bias = self.init_scale, 0.0
-    v = l2_normalize(tokens) if self.normalize_tokens else tokens.astype(jnp.float32)
-    logits = jnp.einsum("bld,kd->blk", v, l2_normalize(prompts))
-    a = jax.nn.sigmoid(scale * logits + bias) * keep[..., None].astype(jnp.float32)
-    attn = a / (jnp.sum(a, axis=1, keepdims=True) + self.eps)
-    means = jnp.einsum("blk,bld->bkd", attn, tokens.astype(jnp.float32))
-    stats = {"region_entropy": jnp.mean(losses.column_entropy(attn)),
-             "region_cos": map_overlap(attn),
-             "region_mean_cos": mean_pairwise_cosine(means)}
-    return attn, means, stats
-
-
-def map_overlap(attn: jax.Array) -> jax.Array:
-  """Mean pairwise cosine between the region maps (columns of Â), averaged over the batch.
-
-  The collapse measure: the maps are non-negative, so this is 1 when every region attends the
-  same patches with the same profile and 0 when the regions are disjoint. Unlike the cosine of
-  the region means it does not see the tokens' common component.
-
-  Args:
-    attn: `[B, L, K]` Â.
-
-  Returns:
-    scalar; 0 when K = 1.
-  """
-  return mean_pairwise_cosine(jnp.swapaxes(attn, 1, 2))
-
-
-def mean_pairwise_cosine(means: jax.Array) -> jax.Array:
-  """Mean cosine over the K(K-1)/2 pairs of distinct regions, averaged over the batch.
-
-  Args:
-    means: `[B, K, D]`.
-
-  Returns:
-    scalar; 0 when K = 1 (no pairs).
-  """
-  k = means.shape[1]
-  if k < 2:
-    return jnp.zeros((), jnp.float32)
-  n = l2_normalize(means)
-  cos = jnp.einsum("bkd,bjd->bkj", n, n)
-  off = ~jnp.eye(k, dtype=bool)
-  return jnp.sum(jnp.where(off, cos, 0.0)) / (means.shape[0] * k * (k - 1))
-
-
-# ----------------------------------------------------------------------------- uncertainty
-
-
-def sample_regions(means: jax.Array, logvar: jax.Array, attn: jax.Array,
-                   key: jax.Array) -> jax.Array:
-  """Cheap sampler: u_k = mu_k + sigma_k * ||Â[:, k]||_2 * xi_k, xi_k ~ N(0, I). O(K D).
-
-  Args:
-    means: `[B, K, D]` mu.
-    logvar: `[B, K, D]` log sigma^2.
-    attn: `[B, L, K]` Â.
-    key: PRNG key.
-
-  Returns:
-    `[B, K, D]` u.
-  """
-  # The 1e-12 keeps the sqrt's gradient finite for an all-zero column.
-  col_norm = jnp.sqrt(jnp.sum(jnp.square(attn), axis=1) + 1e-12)  # [B, K]
-  xi = jax.random.normal(key, means.shape, means.dtype)
-  return means + jnp.exp(0.5 * logvar) * col_norm[..., None] * xi
-
-
-def sample_regions_per_token(means: jax.Array, logvar: jax.Array, attn: jax.Array,
-                             key: jax.Array) -> jax.Array:
-  """The spec's per-token form (O(L K D); reference for `sample_regions`).
-
-  z_lk = mu_k + sigma_k * eps_lk, u_k = sum_l Â[l, k] z_lk. Equal in distribution to
-  `sample_regions` when the columns of Â sum to 1.
-
-  Args/returns as `sample_regions`.
-  """
-  b, l, k = attn.shape
-  eps = jax.random.normal(key, (b, l, k, means.shape[-1]), means.dtype)
-  z = means[:, None] + jnp.exp(0.5 * logvar)[:, None] * eps  # [B, L, K, D]
-  return jnp.einsum("blk,blkd->bkd", attn, z)
-
-
-class RegionUncertainty(nn.Module):
-  """phi: mu -> log sigma^2 (clipped), and the region tokens U.
-
-  Attributes:
-    hidden: width of phi's hidden layer.
-    logvar_min, logvar_max: clip range of log sigma^2 (outside it the gradient is 0).
-    dtype: compute dtype of phi.
-  """
-  hidden: int = 256
-  logvar_min: float = -10.0
-  logvar_max: float = 2.0
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, means: jax.Array, attn: jax.Array, *, train: bool):
-    """Region tokens.
-
-    Args:
-      means: `[B, K, D]` mu.
-      attn: `[B, L, K]` Â.
-      train: sample with the 'noise' rng (True) or return the means (False).
-
-    Returns:
-      u: `[B, K, D]` region tokens; logvar: `[B, K, D]` float32.
-    """
-    h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(means)
-    h = layers.gelu(h)
-    logvar = nn.Dense(means.shape[-1], dtype=self.dtype, name="fc2")(h).astype(jnp.float32)
-    logvar = jnp.clip(logvar, self.logvar_min, self.logvar_max)
-    if not train:
-      return means, logvar
-    return sample_regions(means, logvar, attn, self.make_rng("noise")), logvar
+# Ablation switches (benchmarks/grm_ablation.py): off = the component is not built.
+SWITCHES = ("use_sa", "use_ga", "use_regions", "use_uncertainty")
 
 
 # ----------------------------------------------------------------------------- model
 
 
 class GRM(nn.Module):
-  """The full GRM model (model interface of docs/design.md).
+  """The full GRM model (model interface of docs/design.md). Build it with
+  `GRM.from_config(config.model)` (the `grm` fields: configs/grm_vit.py).
 
   Attributes:
-    config: `config.model` (vision, text, embed_dim, dtype, freeze_text, grm); see
-      configs/grm_vit.py for the `grm` fields.
+    vision, text: HF config dicts of the encoders.
+    level_weights: {'ori', 'key', 'unc'} -> weight of each score level (a scoring choice: a
+      level of weight 0 is not computed).
+    embed_dim: joint width E.
+    dtype: compute dtype of the encoders and adapters ("float32" | "bfloat16").
+    remat: rematerialisation of the encoder blocks, "none" | "blocks" | "dots".
+    freeze_text: the text tower is a fixed feature extractor (no gradient, no dropout).
+    tau, hard: the saliency adapters' Gumbel-Softmax temperature and straight-through switch.
+    num_regions: K region prompts; region_prompt_init, region_normalize_tokens,
+      region_learn_scale, region_logit_scale: `RegionPrompts` settings.
+    keep_ratio: target of the keep-ratio penalty (aux 'keep').
+    region_entropy_floor: bound of the entropy loss (aux 'ent'); None = unbounded.
+    phi_width, logvar_min, logvar_max: `RegionUncertainty` settings.
+    direction: kernel direction, "both" | "x2y" | "y2x".
+    learn_temperature, init_temperature: a 'log_temperature' param for the InfoNCE loss.
+    train_chunk: pair tile of the in-batch kernel (None = one tile).
+    eval_buckets: token-length buckets per side of the evaluation kernel (1 = off).
+    use_sa, use_ga, use_regions, use_uncertainty: ablation switches (off = not built).
 
   Parameter tree: 'vision_encoder', 'text_encoder' (HF-named encoders), 'vision_proj',
-  'text_proj', 'sa', 'ga', 'regions', 'uncertainty' and, with `grm.learn_temperature`, the scalar
+  'text_proj', 'sa', 'ga', 'regions', 'uncertainty' and, with `learn_temperature`, the scalar
   'log_temperature' used by the InfoNCE loss.
   """
-  config: Any
+  vision: Mapping[str, Any]
+  text: Mapping[str, Any]
+  level_weights: Mapping[str, float]
+  embed_dim: int = 512
+  dtype: str = "float32"
+  remat: str = "none"
+  freeze_text: bool = False
+  tau: float = 1.0
+  hard: bool = True
+  num_regions: int = 5
+  keep_ratio: float = 0.5
+  region_prompt_init: str = "normal"
+  region_normalize_tokens: bool = False
+  region_learn_scale: bool = False
+  region_logit_scale: float = 1.0
+  region_entropy_floor: Optional[float] = None
+  phi_width: int = 256
+  logvar_min: float = -10.0
+  logvar_max: float = 2.0
+  direction: str = "both"
+  learn_temperature: bool = False
+  init_temperature: float = 0.07
+  train_chunk: Optional[int] = None
+  eval_buckets: int = 1
+  use_sa: bool = True
+  use_ga: bool = True
+  use_regions: bool = True
+  use_uncertainty: bool = True
 
   @classmethod
   def from_config(cls, model_cfg) -> "GRM":
-    """`config.model` (with a `grm` sub-config, see configs/grm_vit.py) -> GRM."""
-    return cls(config=model_cfg)
+    """`config.model` (with a `grm` sub-config, see configs/grm_vit.py) -> GRM. Fields absent
+    from older saved configs take the value those configs trained with."""
+    g = model_cfg.grm
+    return cls(
+        vision=encoders.config_dict(model_cfg.vision), text=encoders.config_dict(model_cfg.text),
+        level_weights=dict(g.level_weights), embed_dim=model_cfg.embed_dim,
+        dtype=model_cfg.dtype, remat=model_cfg.get("remat", "none"),
+        freeze_text=model_cfg.freeze_text, tau=g.tau, hard=g.hard, num_regions=g.num_regions,
+        keep_ratio=float(g.get("keep_ratio", 0.5)),
+        region_prompt_init=g.get("region_prompt_init", "normal"),
+        region_normalize_tokens=g.region_normalize_tokens,
+        region_learn_scale=g.region_learn_scale, region_logit_scale=g.region_logit_scale,
+        region_entropy_floor=g.get("region_entropy_floor", None), phi_width=g.phi_width,
+        logvar_min=g.logvar_min, logvar_max=g.logvar_max, direction=g.direction,
+        learn_temperature=bool(g.get("learn_temperature", False)),
+        init_temperature=g.get("init_temperature", 0.07),
+        train_chunk=g.get("train_chunk", None) or None,
+        eval_buckets=int(g.get("eval_buckets", 1)),
+        **{k: bool(g.get(k, True)) for k in SWITCHES})
 
   def setup(self):
-    c, g = self.config, self.config.grm
-    dtype = jnp.dtype(c.dtype)
-    remat = c.get("remat", "none")  # older saved configs have no model.remat
-    self.vision_encoder = encoders.encoder_from_config(c.vision, dtype, remat)
-    self.text_encoder = encoders.encoder_from_config(c.text, dtype, remat)
-    self.vision_proj = nn.Dense(c.embed_dim, dtype=dtype)
-    self.text_proj = nn.Dense(c.embed_dim, dtype=dtype)
-    self.sa = SaliencyAdapter(tau=g.tau, hard=g.hard, dtype=dtype)
-    self.ga = SaliencyAdapter(tau=g.tau, hard=g.hard, dtype=dtype)
-    self.regions = RegionPrompts(num_regions=g.num_regions,
-                                 normalize_tokens=g.region_normalize_tokens,
-                                 learn_scale=g.region_learn_scale,
-                                 init_scale=g.region_logit_scale,
-                                 prompt_init=g.get("region_prompt_init", "normal"))
-    self.uncertainty = RegionUncertainty(hidden=g.phi_width, logvar_min=g.logvar_min,
-                                         logvar_max=g.logvar_max, dtype=dtype)
-    if g.get("learn_temperature", False):
+    dtype = jnp.dtype(self.dtype)
+    self.vision_encoder = encoders.encoder_from_config(self.vision, dtype, self.remat)
+    self.text_encoder = encoders.encoder_from_config(self.text, dtype, self.remat)
+    self.vision_proj = nn.Dense(self.embed_dim, dtype=dtype)
+    self.text_proj = nn.Dense(self.embed_dim, dtype=dtype)
+    self.sa = grm_heads.SaliencyAdapter(tau=self.tau, hard=self.hard, dtype=dtype)
+    self.ga = grm_heads.SaliencyAdapter(tau=self.tau, hard=self.hard, dtype=dtype)
+    self.regions = grm_heads.RegionPrompts(num_regions=self.num_regions,
+                                           normalize_tokens=self.region_normalize_tokens,
+                                           learn_scale=self.region_learn_scale,
+                                           init_scale=self.region_logit_scale,
+                                           prompt_init=self.region_prompt_init)
+    self.uncertainty = grm_heads.RegionUncertainty(
+        hidden=self.phi_width, logvar_min=self.logvar_min, logvar_max=self.logvar_max,
+        dtype=dtype)
+    if self.learn_temperature:
       self.log_temperature = self.param(
-          "log_temperature", nn.initializers.constant(math.log(g.init_temperature)), ())
+          "log_temperature", nn.initializers.constant(math.log(self.init_temperature)), ())
+
+  # -- what callers need to know without asking which model this is (docs/design.md) ---------
+  official_layout = False  # no published checkpoint layout to convert to
+  tokenizes_dense = False  # no dense captions
+  uses_dense = False
+  trained_dense_mode = None
+  variant = "grm"
+  explain_kind = "regions"  # explain.py draws the saliency keep mask and the region maps
+
+  def sparse_only(self) -> "GRM":
+    """GRM has no dense branch: itself."""
+    return self
+
+  def score_options(self, dense_mode=None, caption_image=None) -> dict:
+    """Keyword arguments of `score`: none (GRM has no dense modes)."""
+    del dense_mode, caption_image
+    return {}
+
+  def torch_heads_meta(self) -> dict:
+    """The head settings `torch_export/gseps_torch.py` rebuilds the GRM heads from (hf export)."""
+    return dict(
+        embed_dim=int(self.embed_dim), vision_width=encoders.encoder_width(self.vision),
+        text_width=encoders.encoder_width(self.text),
+        adapter_ln_eps=float(nn.LayerNorm(parent=None).epsilon),  # SaliencyAdapter: the default
+        num_regions=int(self.num_regions),
+        region_normalize_tokens=bool(self.region_normalize_tokens),
+        region_learn_scale=bool(self.region_learn_scale),
+        region_logit_scale=float(self.region_logit_scale),
+        region_eps=float(grm_heads.RegionPrompts(num_regions=1, parent=None).eps),
+        phi_width=int(self.phi_width),
+        learn_temperature=bool(self.learn_temperature), direction=str(self.direction),
+        level_weights={k: float(v) for k, v in dict(self.level_weights).items()})
 
   # -- kernel ----------------------------------------------------------------------------------
 
   def _kernel_args(self, chunk):
-    dtype = jnp.dtype(self.config.dtype)
+    dtype = jnp.dtype(self.dtype)
     # bf16 models feed bf16 tokens to the kernel's matmul; it accumulates in fp32 regardless.
-    return dict(direction=self.config.grm.direction, chunk=chunk or None,
+    return dict(direction=self.direction, chunk=chunk or None,
                 compute_dtype=None if dtype == jnp.float32 else dtype)
 
   def _sim(self, x, xm, y, ym, chunk=None, xw=None, yw=None):
     return token_similarity(x, xm, y, ym, x_weight=xw, y_weight=yw, **self._kernel_args(chunk))
 
   def _switch(self, name: str) -> bool:
-    """Ablation switch `grm.<name>` (absent = on)."""
-    return bool(self.config.grm.get(name, True))
+    """Ablation switch `name` in SWITCHES."""
+    return getattr(self, name)
 
   def _levels(self) -> tuple:
     """The score levels in use: weight != 0, and 'unc' only with region prompts."""
-    w = self.config.grm.level_weights
+    w = self.level_weights
     return tuple(k for k in LEVELS if w[k] != 0 and (k != "unc" or self._switch("use_regions")))
 
   def _adapter(self, adapter, tokens, valid, switch, train):
@@ -377,10 +228,10 @@ class GRM(nn.Module):
       # A frozen tower is a fixed feature extractor: deterministic (no dropout), as its cached
       # features (data/text_cache.py) are.
       t = self.text_encoder(input_ids, attention_mask,
-                            train=train and not self.config.freeze_text)
+                            train=train and not self.freeze_text)
     else:  # precomputed frozen-tower features `[B, Lt, D_text]` (batch key 'text_hidden')
-      t = jnp.asarray(hidden, jnp.dtype(self.config.dtype))
-    if self.config.freeze_text:  # pretrained text tower used as a fixed feature extractor
+      t = jnp.asarray(hidden, jnp.dtype(self.dtype))
+    if self.freeze_text:  # pretrained text tower used as a fixed feature extractor
       t = jax.lax.stop_gradient(t)
     return self.text_proj(t).astype(jnp.float32)  # [B, Lt, E]
 
@@ -427,6 +278,18 @@ class GRM(nn.Module):
     ga = self._adapter(self.ga, t, valid, "use_ga", train)
     return dict(t=t, valid=valid, t_hat=t * ga["mask"][..., None], ga=ga)
 
+  def explain_image(self, images: jax.Array) -> dict:
+    """Eval-mode image branch for explain.py: tokens V `[B, Lv, E]`, SA keep mask / probability
+    `[B, Lv]`, region attention Â `[B, Lv, K]`, log sigma^2 `[B, K, E]`."""
+    b = self.image_branch(images, False)
+    return {"tokens": b["v"], "keep": b["sa"]["keep"], "keep_prob": b["sa"]["prob"],
+            "attn": b["attn"], "logvar": b["logvar"]}
+
+  def explain_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> dict:
+    """Eval-mode text branch for explain.py: tokens T `[B, Lt, E]`, GA keep mask `[B, Lt]`."""
+    b = self.text_branch(input_ids, attention_mask, False)
+    return {"tokens": b["t"], "keep": b["ga"]["keep"]}
+
   def encode_images(self, images: jax.Array, *, train: bool = False) -> dict:
     """Image features for scoring.
 
@@ -456,7 +319,7 @@ class GRM(nn.Module):
     # Evaluation: ori and key score the same tokens V, T with different masks, so one cosine
     # block per tile serves both (training weights the tokens instead: separate calls there).
     # Token-length buckets skip padding (same scores; see `similarity.token_similarity`).
-    kw = dict(self._kernel_args(chunk), buckets=int(self.config.grm.get("eval_buckets", 1)))
+    kw = dict(self._kernel_args(chunk), buckets=self.eval_buckets)
     out = {}
     pairs = [k for k in ("ori", "key") if k in levels]
     if pairs:
@@ -470,16 +333,17 @@ class GRM(nn.Module):
                                     **kw)
     return out
 
-  def score(self, img_feats: dict, txt_feats: dict, dense_feats=None, *, chunk=None,
-            **unused) -> jax.Array:
-    """All-pairs eval score a*s_ori + b*s_key + c*s_unc -> `[Ni, Nc]` (dense_feats unused).
+  def score(self, img_feats: dict, txt_feats: dict, dense_feats=None, *,
+            chunk=None) -> jax.Array:
+    """All-pairs eval score a*s_ori + b*s_key + c*s_unc -> `[Ni, Nc]` (`dense_feats` is ignored:
+    GRM has no dense branch, `uses_dense` is False).
 
     Levels of weight 0 are not computed: `grm.level_weights` is a scoring choice that can be
     changed at evaluation without retraining (it is not in the checkpoint fingerprint), e.g.
     {ori: 1, key: 0, unc: 0} scores one level alone.
     """
-    del dense_feats, unused
-    w = self.config.grm.level_weights
+    del dense_feats  # no dense branch
+    w = self.level_weights
     s = self.level_scores(img_feats, txt_feats, chunk=chunk, levels=self._levels())
     return sum(w[k] * s[k] for k in s)
 
@@ -513,8 +377,7 @@ class GRM(nn.Module):
     `towers` outputs `reps` (batch: 'attention_mask')."""
     im = self._image_head(reps["v"], train)
     tx = self._text_head(reps["t"], batch["attention_mask"], train)
-    g = self.config.grm
-    chunk = g.get("train_chunk", None)
+    chunk = self.train_chunk
     levels = self._levels()
     # Key and unc levels: presence = the padding mask, weight = the keep mask (straight-through:
     # forward 0/1, so the values are the kernel on the kept tokens; backward the soft keep
@@ -529,44 +392,10 @@ class GRM(nn.Module):
     if "unc" in levels:
       sims["unc"] = self._sim(im["u"], jnp.ones(im["u"].shape[:2], bool), tx["t"], tx["valid"],
                               chunk, None, w_txt)
-    zero = jnp.zeros((), jnp.float32)
-    target = float(g.get("keep_ratio", 0.5))
-    aux = {
-        "recon": zero, "kl": zero, "ent": zero, "div": zero,
-        "keep": (keep_penalty(w_img, im["valid"], target) if self._switch("use_sa") else zero)
-                + (keep_penalty(w_txt, tx["valid"], target) if self._switch("use_ga") else zero),
-        "keep_ratio_img": keep_ratio(w_img, im["valid"]),
-        "keep_ratio_txt": keep_ratio(w_txt, tx["valid"]),
-        "region_entropy": zero, "region_cos": zero, "region_mean_cos": zero,
-    }
-    if im["attn"] is not None:
-      aux.update(im["stats"])
-      aux["recon"] = losses.recon_loss(im["means"], im["v"], w_img)
-      aux["ent"] = losses.entropy_floor_loss(im["attn"], g.get("region_entropy_floor", None))
-      aux["div"] = im["stats"]["region_cos"]
-      if im["logvar"] is not None:
-        aux["kl"] = losses.kl_loss(im["logvar"])
+    inter = dict(img_tokens=im["v"], img_valid=im["valid"], img_mask=w_img,
+                 txt_valid=tx["valid"], txt_mask=w_txt, region_attn=im["attn"],
+                 region_means=im["means"], region_stats=im["stats"],
+                 region_logvar=im["logvar"])
+    aux = losses.grm_aux(inter, keep_target=self.keep_ratio, keep_img=self.use_sa,
+                         keep_txt=self.use_ga, entropy_floor=self.region_entropy_floor)
     return sims, aux
-
-
-def keep_ratio(mask: jax.Array, valid: jax.Array) -> jax.Array:
-  """Mean keep weight over the valid tokens of the batch (forward: the fraction kept)."""
-  mask = jnp.where(valid, mask.astype(jnp.float32), 0.0)
-  return jnp.sum(mask) / jnp.maximum(jnp.sum(valid), 1)
-
-
-def keep_penalty(mask: jax.Array, valid: jax.Array, target: float) -> jax.Array:
-  """DynamicViT's ratio loss: mean over items of (keep ratio of the item - target)^2.
-
-  Args:
-    mask: `[B, L]` keep weights (straight-through: the forward ratio is the hard one, the
-      gradient reaches the soft keep probabilities).
-    valid: `[B, L]` bool.
-    target: the wanted fraction of valid tokens kept.
-
-  Returns:
-    scalar; items without a valid token count 0.
-  """
-  n = jnp.sum(valid, axis=-1)
-  r = jnp.sum(jnp.where(valid, mask.astype(jnp.float32), 0.0), axis=-1) / jnp.maximum(n, 1)
-  return jnp.mean(jnp.where(n > 0, jnp.square(r - target), 0.0))

@@ -1,104 +1,26 @@
-"""SEPS: sparse-and-dense token selection (SDTPS) + relevance-aware alignment (HRPA), in Flax.
+"""SEPS in Flax: encoders + projections + the SDTPS/HRPA head, as Linen modules.
 
-Reimplements the cross-modal head of the SEPS authors' PyTorch code (`CrossSparseAggrNet_v2`,
-github.com/maxingan2412/seps @ 7f4dfa6) with the behaviour described in `spec/seps.md`:
-
-Per image-caption pair and per branch (sparse caption / dense caption), on the raw projected
-tokens:
-  1. Image tokens `[CLS?, X]`: a CLS exists iff the token count is not a perfect square.
-  2. score_n = cos(x_n, mean_n x) + cos(x_n, mean of the guiding text's tokens).
-  3. Keep the top K = ceil(N * rho) patches (ties: lower index first).
-  4. Dropped patches -> one fused token (softmax of their scores, weighted sum).
-  5. Kept patches -> N_c tokens: W = softmax over kept of scale * MLP(x) (MLP = LayerNorm(eps
-     1e-5) -> Linear(D, int(0.2 D)) -> GELU(erf) -> Linear(N_c)), aggregated = W^T x_kept.
-  6. Tokens [CLS?, aggregated, fused] are L2-normalised, then
-     HRPA = mean_words max_tokens A + mean_tokens max_words A, A = LeakyReLU_0.1(words . tokens^T).
-The pair score is the SUM of the branches.
-
-All pairs are scored in tiles of the pair grid (`lax.map` over image tiles, then caption tiles),
-so memory is O(tile). Everything that depends on one side only is computed once: per image the
-patch norms, the image mean, and the aggregation net's per-patch logits (every layer of that net
-acts per token, so logits of the kept patches are a gather of per-image logits); per text the
-normalised mean and normalised words. Per pair only the selection, the masked softmaxes, the
-weighted sums and HRPA remain. Inside a tile the per-pair branches run one image at a time
-(`lax.map`), so that the aggregation is one plain GEMM per image and HRPA a caption-batched one,
-and the final tokens are never normalised or concatenated in memory: the word dots are scaled by
-the inverse token norms instead (`_image_pair_sims`).
-
-Dense captions (`dense_mode`):
-  * "parity": the official behaviour. The dense text is a second query paired with the caption:
-    caption j's dense text is the one of its ground-truth image (training: the same batch row;
-    evaluation: `caption_image[j]`). Dense branch(I, j) = SDTPS(I guided by dense_j) aligned with
-    dense_j's words. At evaluation all text FEATURES are cut to `eval_text_cut` positions (the
-    official `encode_data` stores 90 positions of the full-length encoding, and the head slices
-    `embs[i, :length]`, which stops at 90): the text mean and HRPA cover the first 90 features,
-    dense captions lose [SEP], and those 90 features have seen the whole caption.
-  * "honest" (the default): the dense text describes the CANDIDATE image. Dense branch(I, j) =
-    SDTPS(I guided by dense_I) aligned with the QUERY caption j's words. Nothing about the
-    query's answer leaks. Honest mode uses every feature of the full-length encoding (no cut):
-    the cut is an artefact of the official evaluation's storage, not part of the method, and the
-    dense caption only enters through its mean, so cutting would only throw information away.
-  In both modes dense captions are tokenised at full length (`config.data.dense_max_len = 0`:
-  the longest dense caption of the data, at most 512; see gseps_jax/data/pipeline.py), in
-  training and evaluation, as the official code (which pads each batch to its longest caption).
-
-Selection gradients (`selection`):
-  * "official": as the official code, the selection scores, the top-k, the gathered patches, the
-    aggregation net's input and the fused token carry no gradient (`stop_gradient` on the patch
-    tokens and the text means used for selection). Only the CLS token (ViT) and the text words in
-    HRPA reach the encoders; the aggregation net's parameters do get gradients.
-  * "straight_through": same forward values. Backward: (a) no stop_gradient anywhere, so patch
-    tokens get gradients through the aggregated and fused tokens, the aggregation net's input,
-    and the selection scores inside the fused-token softmax; (b) the hard keep mask m is replaced
-    in the backward pass by a soft mask s_n = sigmoid((score_n - theta) / st_temperature), theta =
-    midpoint of the K-th and (K+1)-th scores (m + s - stop_gradient(s)); the mask enters the
-    softmaxes as weights (softmax over kept == m * exp / sum m * exp), so the selection scores,
-    and through them the patches and the guiding text, receive a gradient from which patches were
-    kept. In the mask's backward pass a dropped patch's exp(logit) is clipped at the largest kept
-    one, so the surrogate stays finite.
+The head's computation (selection, aggregation, HRPA, the tiled all-pairs scorer, the dense
+modes and the selection gradients) is pure and lives in `models/sdtps.py`; this module holds its
+parameters (`AggregationNet`, `SEPSHead`, the official `cross_net`) and the full model `SEPS` with
+the model interface of docs/design.md. The official checkpoint layout is converted by
+`interop/official_seps.py`.
 """
 
-import functools
-import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 from gseps_jax.models import encoders
 from gseps_jax.models import layers
-from gseps_jax.models import hf_import
+from gseps_jax.models import sdtps
 
-DENSE_MODES = ("parity", "honest")
-SELECTIONS = ("official", "straight_through")
-NORM_EPS = 1e-12  # torch.nn.functional.normalize default
 AGGR_LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by the official aggregation net
-LEAKY_SLOPE = 0.1
-_PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
-               "default": lax.Precision.DEFAULT}
 
 Array = jax.Array
-
-
-# ----------------------------------------------------------------------------------------------
-# Small helpers shared by the head, the model and the tests.
-# ----------------------------------------------------------------------------------------------
-def has_cls(num_tokens: int) -> bool:
-  """Official rule: an image token set has a leading CLS iff its length is not a perfect square."""
-  return math.isqrt(num_tokens) ** 2 != num_tokens
-
-
-def num_kept(num_patches: int, rho: float) -> int:
-  """K = ceil(N * rho), with the official float expression."""
-  return math.ceil(num_patches * rho)
-
-
-def num_aggregated(num_patches: int, alpha: float, rho: float) -> int:
-  """N_c = int(num_patches * alpha * rho) (official order of the float products)."""
-  return int(num_patches * alpha * rho)
 
 
 def backbone_num_patches(vision_cfg) -> int:
@@ -106,320 +28,6 @@ def backbone_num_patches(vision_cfg) -> int:
   official `num_patches` (196 / 576 for ViT-B/16 at 224 / 384, 49 / 144 for Swin-B)."""
   h, w = encoders.encoder_grid(vision_cfg)
   return h * w
-
-
-def ratio_loss(k: int, n: int, rho: float, num_branches: int, weight: float) -> float:
-  """Official ratio term weight * (mean(sum of branch keep masks) - rho)^2 = weight*(b K/N - rho)^2.
-
-  The keep masks are a hard top-k, so this is a constant with no gradient; it is reported, not
-  trained on.
-  """
-  return float(weight) * (num_branches * k / n - rho) ** 2
-
-
-def l2_normalize(x: Array, eps: float = NORM_EPS) -> Array:
-  """x / max(||x||, eps) over the last axis (torch F.normalize), with a finite gradient at 0."""
-  ss = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  return x * lax.rsqrt(jnp.maximum(ss, eps * eps))
-
-
-def _masked_softmax(logits: Array, keep: Array, hard: Array, axis: int) -> Array:
-  """Softmax of `logits` over `axis` restricted to `hard` entries, written as keep*exp / sum.
-
-  `keep` equals `hard` in value (it may carry a straight-through gradient). At least one entry
-  along `axis` must be kept. Dropped entries get exactly 0.
-  """
-  mx = lax.stop_gradient(jnp.max(jnp.where(hard, logits, -jnp.inf), axis=axis, keepdims=True))
-  z = logits - mx
-  # Dropped entries only matter for keep's (straight-through) gradient: clip them at the kept max
-  # so that exp cannot overflow.
-  e = keep * jnp.exp(jnp.where(hard, z, jnp.minimum(z, 0.0)))
-  return e / jnp.sum(e, axis=axis, keepdims=True)
-
-
-def masked_mean(tokens: Array, mask: Array) -> Array:
-  """[..., L, D], [..., L] -> [..., D] mean over valid positions (0 for an empty mask)."""
-  m = mask.astype(tokens.dtype)
-  return jnp.einsum("...ld,...l->...d", tokens, m) / jnp.maximum(m.sum(-1), 1.0)[..., None]
-
-
-def parity_text_cut(tokens: Array, mask: Array, cut: int) -> tuple[Array, Array]:
-  """The official evaluation's text storage: the first `cut` positions of the token features
-  `[N, L, D]` and of the mask `[N, L]` (a text longer than `cut` loses its tail, [SEP]
-  included; the features kept were computed from the whole text)."""
-  cut = min(int(cut), tokens.shape[1])
-  return tokens[:, :cut], mask[:, :cut]
-
-
-def prepare_texts(tokens: Array, mask: Array) -> dict:
-  """Per-text quantities that do not depend on the image.
-
-  Args:
-    tokens: [Nt, L, D] raw projected text tokens.
-    mask: [Nt, L] bool, valid positions ([CLS] and [SEP] included).
-  Returns:
-    dict(glo=[Nt, D] normalised mean of the valid tokens (the selection guide),
-         words=[Nt, L, D] normalised tokens, mask=[Nt, L] bool).
-  """
-  tokens = tokens.astype(jnp.float32)
-  mask = mask.astype(bool)
-  return dict(glo=l2_normalize(masked_mean(tokens, mask)), words=l2_normalize(tokens), mask=mask)
-
-
-def hrpa_from_sims(sims: Array, mask: Array) -> Array:
-  """HRPA from raw cosine similarities.
-
-  Args:
-    sims: [..., L, T] word . image-token cosines.
-    mask: [..., L] bool valid words (broadcastable against sims[..., 0]).
-  Returns:
-    [...] mean over words of max over tokens + mean over tokens of max over words (a SUM).
-  """
-  a = jax.nn.leaky_relu(sims, LEAKY_SLOPE)
-  m = jnp.broadcast_to(mask, a.shape[:-1])
-  row = jnp.max(a, axis=-1)
-  t2i = jnp.sum(jnp.where(m, row, 0.0), -1) / jnp.maximum(m.sum(-1), 1)
-  # A large finite fill keeps padded (all-invalid) texts finite; they are sliced off anyway.
-  col = jnp.max(jnp.where(m[..., None], a, -1e30), axis=-2)
-  return t2i + jnp.mean(col, axis=-1)
-
-
-# ----------------------------------------------------------------------------------------------
-# SDTPS for a tile of pairs.
-# ----------------------------------------------------------------------------------------------
-def _index_mask(idx: Array, n: int) -> Array:
-  """`[..., k]` indices into N positions -> `[..., N]` bool, True at the indexed positions."""
-  return jnp.any(idx[..., :, None] == jnp.arange(n), axis=-2)
-
-
-def topk_keep(score: Array, k: int) -> Array:
-  """`[..., N]` selection scores -> `[..., N]` bool mask of the k highest (ties: lower index
-  first, as `lax.top_k`). The hard selection of `_selection_weights`, for tools (explain)."""
-  _, idx = lax.top_k(lax.stop_gradient(score), k)
-  return _index_mask(idx, score.shape[-1])
-
-
-def _selection_weights(self_attn: Array, logits_t: Array, text_cos: Array, *, k: int,
-                       selection: str, st_temperature: float) -> tuple[Array, Optional[Array]]:
-  """SDTPS selection as weights on the patches, for (image, guide text) pairs.
-
-  Args:
-    self_attn: [..., N] cos(x_n, mean x) per image.
-    logits_t: [..., N_c, N] aggregation logits per image (patch axis last).
-    text_cos: [..., Tg, N] cos(x_n, guide-text mean) for Tg guide texts per image.
-    k: number of kept patches (1 <= k <= N).
-  Returns:
-    (w [..., Tg, N_c, N]: row c is the softmax of the logits over the kept patches, exactly 0 on
-     dropped ones; f [..., Tg, N]: fused-token weights, softmax of the scores over the dropped
-     patches, 0 on kept ones; None when nothing is dropped, where the official softmax over an
-     empty set sums to a zero token). Aggregated token c = sum_n w[c, n] x_n, fused = sum_n f[n]
-     x_n.
-  """
-  score = self_attn[..., None, :] + text_cos
-  n = score.shape[-1]
-  straight = selection == "straight_through"
-  top_v, top_i = lax.top_k(lax.stop_gradient(score), min(k + 1, n) if straight else k)
-  hard = _index_mask(top_i[..., :k], n)  # [..., Tg, N]
-  keep = hard.astype(score.dtype)
-  if straight and k < n:
-    theta = 0.5 * (top_v[..., k - 1] + top_v[..., k])
-    soft = jax.nn.sigmoid((score - theta[..., None]) / st_temperature)
-    keep = keep + (soft - lax.stop_gradient(soft))
-  w = _masked_softmax(logits_t[..., None, :, :], keep[..., None, :], hard[..., None, :], axis=-1)
-  f = _masked_softmax(score, 1.0 - keep, ~hard, axis=-1) if k < n else None
-  return w, f
-
-
-def sdtps_tokens(img: dict, text_cos: Array, *, k: int, selection: str, st_temperature: float,
-                 precision=lax.Precision.HIGHEST) -> Array:
-  """Selected + aggregated + fused image tokens for a tile of (image, guide text) pairs.
-
-  The all-pairs scorer uses this only where the selection is per image (honest dense branch);
-  per-pair branches go through `_image_pair_sims`, one image at a time.
-
-  Args:
-    img: per-image cache for Ti images (see `SEPSHead.prepare_images`): cls [Ti, C, D] (C in
-      {0, 1}), x [Ti, N, D], self_attn [Ti, N], logits [Ti, N, N_c].
-    text_cos: [Ti, Tg, N] cos(x_n, guide-text mean) for Tg guide texts per image.
-    k: number of kept patches (1 <= k <= N).
-  Returns:
-    [Ti, Tg, C + N_c + 1, D] L2-normalised tokens [CLS?, aggregated, fused].
-  """
-  w, f = _selection_weights(img["self_attn"], jnp.swapaxes(img["logits"], -1, -2), text_cos,
-                            k=k, selection=selection, st_temperature=st_temperature)
-  agg = jnp.einsum("ijcn,ind->ijcd", w, img["x"], precision=precision)
-  ti, tg = text_cos.shape[:2]
-  d = img["x"].shape[-1]
-  if f is not None:
-    fused = jnp.einsum("ijn,ind->ijd", f, img["x"], precision=precision)[:, :, None]
-  else:
-    fused = jnp.zeros((ti, tg, 1, d), agg.dtype)
-  cls = jnp.broadcast_to(img["cls"][:, None], (ti, tg) + img["cls"].shape[1:])
-  return l2_normalize(jnp.concatenate([cls, agg, fused], axis=2))
-
-
-def _image_pair_sims(im: dict, text_cos: Array, words: Array, *, k: int, selection: str,
-                     st_temperature: float, precision=lax.Precision.HIGHEST) -> Array:
-  """Word . token cosines of ONE image against a tile of captions (per-pair selection).
-
-  Every final token but the CLS is a combination of patches: aggregated c = sum_n w[c, n] x_n,
-  fused = sum_n f[n] x_n. The official tokens are L2-normalised (x / max(||x||, eps)) before the
-  dot with the words; here the raw dots are scaled by 1 / max(||token||, eps) instead, so no
-  normalised or concatenated [Tc, T, D] copy is made. Working on one image keeps every
-  contraction a plain GEMM or a caption-batched one in its natural layout (batching the
-  aggregation over images and HRPA over captions forced a transpose of the whole token block).
-  Cost per pair: T'*N*D (one [Tc*T', N] x [N, D] GEMM for the image) + T'*L*D multiply-adds,
-  T' = N_c + 1. (Scoring through P = X words^T and the Gram matrix X X^T instead, which never
-  builds a [*, D] block, costs N*L*D + T'*N*L + T'*N^2 and measured 1.3-1.7x slower on CPU; see
-  docs/performance.md.)
-
-  Args:
-    im: one image: x [N, D], xn [N, D], cls_n [C, D] normalised CLS, self_attn [N],
-      logits_t [N_c, N].
-    text_cos: [Tc, N] cos(x_n, guide-text mean), guide j aligned with words j.
-    words: [Tc, L, D] normalised words.
-  Returns:
-    [Tc, L, C + N_c + 1] cosines word . normalised token, tokens [CLS?, aggregated, fused].
-  """
-  w, f = _selection_weights(im["self_attn"], im["logits_t"], text_cos, k=k,
-                            selection=selection, st_temperature=st_temperature)
-  if f is not None:
-    a = jnp.concatenate([w, f[:, None, :]], axis=1)  # [Tc, N_c + 1, N]
-  else:  # zero fused token -> zero similarities, as the official normalised zero token
-    a = jnp.pad(w, [(0, 0), (0, 1), (0, 0)])
-  tok = jnp.einsum("jtn,nd->jtd", a, im["x"], precision=precision)  # unnormalised
-  nsq = jnp.sum(jnp.square(tok), axis=-1)  # [Tc, T']
-  raw = jnp.einsum("jld,jtd->jlt", words, tok, precision=precision)
-  sims = raw * lax.rsqrt(jnp.maximum(nsq, NORM_EPS * NORM_EPS))[:, None, :]
-  if im["cls_n"].shape[0] == 0:
-    return sims
-  cls_sims = jnp.einsum("jld,cd->jlc", words, im["cls_n"], precision=precision)
-  return jnp.concatenate([cls_sims, sims], axis=-1)
-
-
-def _tile(tree, size: int):
-  """Pads every leaf's leading axis to a multiple of `size` and splits it: [n, ...] ->
-  [ceil(n/size), size, ...]."""
-  def one(a):
-    n = a.shape[0]
-    pad = (-n) % size
-    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-    return a.reshape((a.shape[0] // size, size) + a.shape[1:])
-  return jax.tree_util.tree_map(one, tree)
-
-
-def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
-                use_sparse: bool = True, use_dense: bool = True, dense_mode: str = "honest",
-                selection: str = "official", st_temperature: float = 0.05,
-                chunk: Union[None, int, Sequence[int]] = None,
-                precision=lax.Precision.HIGHEST,
-                dense_index: Optional[Array] = None) -> Array:
-  """All-pairs SEPS scores, tiled over the pair grid.
-
-  Args:
-    img: per-image cache, leaves with leading axis Ni (`SEPSHead.prepare_images`).
-    cap: caption cache from `prepare_texts`, leading axis Nc.
-    dense: dense-caption cache from `prepare_texts`; leading axis Nc (caption-aligned) in
-      "parity" mode, Ni (image-aligned) in "honest" mode. Unused if `use_dense` is False.
-    k: kept patches per selection.
-    chunk: pair tile (images, captions); an int is used for both; None = one tile.
-    dense_index: "parity" mode only: [Nc] int, caption j's row of `dense`, which then holds only
-      the Nd distinct dense captions. The parity dense branch of (image, caption j) depends on
-      the dense caption alone, so it is scored once per distinct dense caption ([Ni, Nd]) and
-      gathered; the official evaluation repeats each image's dense caption for its 5 captions,
-      which is 5x the dense work for the same scores.
-  Returns:
-    [Ni, Nc] float32 scores (row = image, column = caption).
-  """
-  if not (use_sparse or use_dense):
-    raise ValueError("SEPS needs at least one branch (sparse and/or dense).")
-  if dense_mode not in DENSE_MODES:
-    raise ValueError(f"dense_mode must be one of {DENSE_MODES}, got {dense_mode!r}.")
-  if selection not in SELECTIONS:
-    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
-  ni, nc = img["x"].shape[0], cap["words"].shape[0]
-  if dense_index is not None:
-    if not (use_dense and dense_mode == "parity"):
-      raise ValueError("dense_index is for the parity dense branch (dense_mode='parity', "
-                       "use_dense=True) only.")
-    if dense is None:
-      raise ValueError("The dense branch is on but no dense-caption features were given.")
-    if tuple(dense_index.shape) != (nc,):
-      raise ValueError(f"dense_index must be [Nc] = [{nc}] (caption j's dense-caption row), "
-                       f"got shape {tuple(dense_index.shape)}.")
-    # Each branch is the same per-pair computation with its own text; score the dense one on
-    # the distinct dense captions only. s + d is the sum the single pass computes (0 + s + d).
-    one_branch = functools.partial(pair_scores, k=k, use_sparse=True, use_dense=False,
-                                   selection=selection, st_temperature=st_temperature,
-                                   chunk=chunk, precision=precision)
-    d = jnp.take(one_branch(img, dense), dense_index, axis=1)
-    return one_branch(img, cap) + d if use_sparse else d
-  if use_dense:
-    if dense is None:
-      raise ValueError("The dense branch is on but no dense-caption features were given.")
-    want = nc if dense_mode == "parity" else ni
-    if dense["words"].shape[0] != want:
-      raise ValueError(
-          f"dense_mode={dense_mode!r} needs dense features aligned with the "
-          f"{'captions' if dense_mode == 'parity' else 'images'} ({want}), got "
-          f"{dense['words'].shape[0]}.")
-  honest = use_dense and dense_mode == "honest"
-  parity = use_dense and dense_mode == "parity"
-  sel = dict(k=k, selection=selection, st_temperature=st_temperature, precision=precision)
-
-  def tile_scores(im, own, cp, dn):
-    # One image at a time (lax.map over the tile's images): every contraction is then a plain
-    # GEMM or a caption-batched one in its natural layout (see `_image_pair_sims`).
-    one = dict(x=im["x"], xn=im["xn"], cls_n=l2_normalize(im["cls"]),
-               self_attn=im["self_attn"], logits_t=jnp.swapaxes(im["logits"], -1, -2))
-    if honest:
-      one["own"] = own
-
-    def per_pair_branch(o, txt):  # guide and aligned words both from the caption-aligned text
-      cos_j = jnp.einsum("nd,jd->jn", o["xn"], txt["glo"], precision=precision)
-      return hrpa_from_sims(_image_pair_sims(o, cos_j, txt["words"], **sel), txt["mask"])
-
-    def image(o):  # -> [Tc]
-      s = 0.0
-      if use_sparse:
-        s = s + per_pair_branch(o, cp)
-      if parity:
-        s = s + per_pair_branch(o, dn)
-      if honest:
-        sims = jnp.einsum("jld,td->jlt", cp["words"], o["own"], precision=precision)
-        s = s + hrpa_from_sims(sims, cp["mask"])
-      return s
-    return lax.map(image, one)  # [Ti, Tc]
-
-  def image_tile(im, dn_img):
-    if not honest:
-      return im, None
-    # Honest dense branch: selection depends on the image alone, so its tokens are per image.
-    guide = jnp.einsum("ind,id->in", im["xn"], dn_img["glo"], precision=precision)[:, None]
-    return im, sdtps_tokens(im, guide, **sel)[:, 0]
-
-  if chunk is None:
-    ti, tc = ni, nc
-  elif isinstance(chunk, int):
-    ti, tc = chunk, chunk
-  else:
-    ti, tc = chunk
-  ti, tc = max(1, min(ti, ni)), max(1, min(tc, nc))
-  dense_img = dense if honest else None
-  dense_cap = dense if parity else None
-  if ti >= ni and tc >= nc:
-    im, own = image_tile(img, dense_img)
-    return tile_scores(im, own, cap, dense_cap)
-
-  cap_tiles = _tile((cap, dense_cap), tc)
-
-  def outer(args):
-    im, own = image_tile(*args)
-    return lax.map(lambda c: tile_scores(im, own, *c), cap_tiles)  # [nct, Ti, Tc]
-
-  out = lax.map(outer, _tile((img, dense_img), ti))  # [nit, nct, Ti, Tc]
-  out = out.transpose(0, 2, 1, 3).reshape(out.shape[0] * ti, out.shape[1] * tc)
-  return out[:ni, :nc]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,10 +76,11 @@ class SEPSHead(nn.Module):
   precision: str = "highest"
 
   def setup(self):
-    if self.selection not in SELECTIONS:
-      raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}.")
-    if self.dense_mode not in DENSE_MODES:
-      raise ValueError(f"dense_mode must be one of {DENSE_MODES}, got {self.dense_mode!r}.")
+    if self.selection not in sdtps.SELECTIONS:
+      raise ValueError(f"selection must be one of {sdtps.SELECTIONS}, got {self.selection!r}.")
+    if self.dense_mode not in sdtps.DENSE_MODES:
+      raise ValueError(f"dense_mode must be one of {sdtps.DENSE_MODES}, got "
+                       f"{self.dense_mode!r}.")
     self.aggr_net = AggregationNet(self.num_aggregated, self.dim_ratio)
 
   def prepare_images(self, tokens: Array) -> dict:
@@ -484,18 +93,18 @@ class SEPSHead(nn.Module):
       cos(x_n, mean x), logits=[Ni, N, N_c] aggregation logits).
     """
     tokens = tokens.astype(jnp.float32)
-    c = 1 if has_cls(tokens.shape[1]) else 0
+    c = 1 if sdtps.has_cls(tokens.shape[1]) else 0
     cls, x = tokens[:, :c], tokens[:, c:]
     if self.selection == "official":
       x = lax.stop_gradient(x)  # the official selection/gather/fusion run under no_grad
-    xn = l2_normalize(x)
-    glo = l2_normalize(jnp.mean(x, axis=1))
-    self_attn = jnp.einsum("ind,id->in", xn, glo, precision=_PRECISIONS[self.precision])
+    xn = sdtps.l2_normalize(x)
+    glo = sdtps.l2_normalize(jnp.mean(x, axis=1))
+    self_attn = jnp.einsum("ind,id->in", xn, glo, precision=sdtps.PRECISIONS[self.precision])
     return dict(cls=cls, x=x, xn=xn, self_attn=self_attn, logits=self.aggr_net(x))
 
   def prepare_texts(self, tokens: Array, mask: Array) -> dict:
     """`prepare_texts`, with the selection guide detached in "official" selection."""
-    out = prepare_texts(tokens, mask)
+    out = sdtps.prepare_texts(tokens, mask)
     if self.selection == "official":
       out["glo"] = lax.stop_gradient(out["glo"])
     return out
@@ -526,10 +135,11 @@ class SEPSHead(nn.Module):
         raise ValueError("use_dense=True needs dense_tokens and dense_mask.")
       dense = self.prepare_texts(dense_tokens, dense_mask)
     n = img["x"].shape[1]
-    return pair_scores(img, cap, dense, k=num_kept(n, self.rho), use_sparse=self.use_sparse,
-                       use_dense=self.use_dense, dense_mode=dense_mode or self.dense_mode,
-                       selection=self.selection, st_temperature=self.st_temperature, chunk=chunk,
-                       precision=_PRECISIONS[self.precision], dense_index=dense_index)
+    return sdtps.pair_scores(
+        img, cap, dense, k=sdtps.num_kept(n, self.rho), use_sparse=self.use_sparse,
+        use_dense=self.use_dense, dense_mode=dense_mode or self.dense_mode,
+        selection=self.selection, st_temperature=self.st_temperature, chunk=chunk,
+        precision=sdtps.PRECISIONS[self.precision], dense_index=dense_index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,7 +194,7 @@ class SEPS(nn.Module):
     num_patches = sc.num_patches if sc.num_patches > 0 else backbone_num_patches(model_cfg.vision)
     return cls(vision=encoders.config_dict(model_cfg.vision),
                text=encoders.config_dict(model_cfg.text),
-               num_aggregated=num_aggregated(num_patches, sc.alpha, sc.rho),
+               num_aggregated=sdtps.num_aggregated(num_patches, sc.alpha, sc.rho),
                embed_dim=model_cfg.embed_dim, rho=sc.rho, dim_ratio=sc.dim_ratio,
                use_sparse=sc.use_sparse, use_dense=sc.use_dense, dense_mode=sc.dense_mode,
                selection=sc.selection, st_temperature=sc.st_temperature,
@@ -605,6 +215,47 @@ class SEPS(nn.Module):
         use_sparse=self.use_sparse, use_dense=self.use_dense, dense_mode=self.dense_mode,
         selection=self.selection, st_temperature=self.st_temperature, precision=self.precision)
 
+  # -- what callers need to know without asking which model this is (docs/design.md) ---------
+  official_layout = True  # interop/official_seps.py converts the authors' checkpoints
+  tokenizes_dense = True  # batches carry tokenised dense captions (LAPS ignores them)
+  explain_kind = "selection"  # explain.py draws the top-K patch selection
+
+  @property
+  def variant(self) -> str:
+    """'seps', or 'laps' without the dense branch."""
+    return "seps" if self.use_dense else "laps"
+
+  def torch_heads_meta(self) -> dict:
+    """The head settings `torch_export/gseps_torch.py` rebuilds the SEPS head from (hf export)."""
+    return dict(
+        embed_dim=int(self.embed_dim), vision_width=encoders.encoder_width(self.vision),
+        text_width=encoders.encoder_width(self.text), num_aggregated=int(self.num_aggregated),
+        rho=float(self.rho), dim_ratio=float(self.dim_ratio), use_sparse=bool(self.use_sparse),
+        use_dense=bool(self.use_dense), eval_text_cut=int(self.eval_text_cut),
+        aggr_ln_eps=float(AGGR_LN_EPS), leaky_slope=float(sdtps.LEAKY_SLOPE),
+        train_dense_mode=str(self.dense_mode))
+
+  @property
+  def uses_dense(self) -> bool:
+    """Scoring needs one dense caption per image (`score(..., dense_feats)`)."""
+    return self.use_dense
+
+  @property
+  def trained_dense_mode(self) -> Optional[str]:
+    """The dense mode of training, evaluation's default (it also decides the parity text cut,
+    `eval_text_cut`, with the dense branch off)."""
+    return self.dense_mode
+
+  def sparse_only(self) -> "SEPS":
+    """The same model (same parameters) with the dense branch off (LAPS scoring)."""
+    return self.clone(use_dense=False)
+
+  def score_options(self, dense_mode: Optional[str] = None,
+                    caption_image: Optional[Array] = None) -> dict:
+    """Keyword arguments of `score` for `dense_mode` (None: the trained one) and, in parity
+    mode, caption j's ground-truth image `caption_image` [Nc]."""
+    return dict(dense_mode=dense_mode, caption_image=caption_image)
+
   def encode_images(self, images: Array, *, train: bool = False) -> dict:
     """[B, H, W, 3] -> {'tokens': [B, L, D] float32} (L = 1 + N for ViT, N for Swin)."""
     x = self.vision_encoder(images, train=train).astype(jnp.float32)
@@ -623,6 +274,17 @@ class SEPS(nn.Module):
     if self.freeze_text:
       x = lax.stop_gradient(x)
     return {"tokens": x if self.fc is None else self.fc(x), "mask": attention_mask.astype(bool)}
+
+  def explain_image(self, images: Array) -> dict:
+    """Eval-mode per-image head cache for explain.py (`SEPSHead.prepare_images`: cls, x, xn,
+    self_attn, logits)."""
+    return self.cross_net.prepare_images(self.encode_images(images)["tokens"])
+
+  def explain_text(self, input_ids: Array, attention_mask: Array) -> dict:
+    """Eval-mode per-text head cache for explain.py (`SEPSHead.prepare_texts`: glo, words,
+    mask)."""
+    t = self.encode_texts(input_ids, attention_mask)
+    return self.cross_net.prepare_texts(t["tokens"], t["mask"])
 
   def towers(self, batch: Mapping[str, Array], *, train: bool) -> dict:
     """The encoders' per-example outputs that `head` scores: {'img': `[B, L, D]` image tokens,
@@ -659,11 +321,11 @@ class SEPS(nn.Module):
                           reps.get("dense"),
                           batch["dense_mask"].astype(bool) if self.use_dense else None,
                           chunk=self.train_chunk)
-    n = img.shape[1] - (1 if has_cls(img.shape[1]) else 0)
-    k = num_kept(n, self.rho)
+    n = img.shape[1] - (1 if sdtps.has_cls(img.shape[1]) else 0)
+    k = sdtps.num_kept(n, self.rho)
     branches = int(self.use_sparse) + int(self.use_dense)
-    aux = {"ratio_loss": jnp.asarray(ratio_loss(k, n, self.rho, branches, self.ratio_weight),
-                                     jnp.float32),
+    aux = {"ratio_loss": jnp.asarray(
+        sdtps.ratio_loss(k, n, self.rho, branches, self.ratio_weight), jnp.float32),
            "keep_ratio": jnp.asarray(k / n, jnp.float32)}
     return {"seps": sims}, aux
 
@@ -686,8 +348,8 @@ class SEPS(nn.Module):
       [Ni, Nc] scores.
     """
     mode = dense_mode or self.dense_mode
-    if mode not in DENSE_MODES:
-      raise ValueError(f"dense_mode must be one of {DENSE_MODES}, got {mode!r}.")
+    if mode not in sdtps.DENSE_MODES:
+      raise ValueError(f"dense_mode must be one of {sdtps.DENSE_MODES}, got {mode!r}.")
     cap_tok, cap_mask = txt_feats["tokens"], txt_feats["mask"]
     d_tok = d_mask = dense_index = None
     if self.use_dense:
@@ -699,142 +361,13 @@ class SEPS(nn.Module):
           raise ValueError("dense_mode='parity' pairs each caption with its ground-truth "
                            "image's dense caption: pass caption_image [Nc].")
         # Each image's dense caption is scored once and shared by its captions (the scores
-        # equal gathering d_tok[caption_image]; see `pair_scores(dense_index=...)`).
+        # equal gathering d_tok[caption_image]; see `sdtps.pair_scores(dense_index=...)`).
         dense_index = jnp.asarray(caption_image)
     if mode == "parity" and self.eval_text_cut > 0:
       # The official evaluation stores the first `cut` features of each (full-length) text
       # encoding: slicing the features (not the tokens) keeps what they saw of the whole text.
-      cap_tok, cap_mask = parity_text_cut(cap_tok, cap_mask, self.eval_text_cut)
+      cap_tok, cap_mask = sdtps.parity_text_cut(cap_tok, cap_mask, self.eval_text_cut)
       if d_tok is not None:
-        d_tok, d_mask = parity_text_cut(d_tok, d_mask, self.eval_text_cut)
+        d_tok, d_mask = sdtps.parity_text_cut(d_tok, d_mask, self.eval_text_cut)
     return self.cross_net(img_feats["tokens"], cap_tok, cap_mask, d_tok, d_mask,
                           dense_mode=mode, chunk=chunk, dense_index=dense_index)
-
-
-# ----------------------------------------------------------------------------------------------
-# Official checkpoint layout <-> our params.
-# ----------------------------------------------------------------------------------------------
-VISION_PREFIX = "img_enc.visual_encoder."
-TEXT_PREFIX = "txt_enc.bert."
-
-
-def _model_cfg(config):
-  return config.model if "model" in config else config
-
-
-def _head_table(config) -> dict:
-  """Official name -> (our param path, official shape, to-ours fn, to-official fn) for every
-  non-encoder tensor of the checkpoint."""
-  mc = _model_cfg(config)
-  model = SEPS.from_config(mc)
-  e, nc = model.embed_dim, model.num_aggregated
-  hidden = int(e * model.dim_ratio)
-  same = (lambda x: x, lambda x: x)
-  tr = (lambda x: x.T, lambda x: x.T)
-  table = {}
-
-  def dense(official, ours, n_out, n_in):
-    table[official + ".weight"] = (ours + ("kernel",), (n_out, n_in)) + tr
-    table[official + ".bias"] = (ours + ("bias",), (n_out,)) + same
-
-  vw, tw = encoders.encoder_width(mc.vision), encoders.encoder_width(mc.text)
-  if vw != e:
-    dense("img_enc.vision_proj", ("vision_proj",), e, vw)
-  if tw != e:
-    dense("txt_enc.fc", ("fc",), e, tw)
-  a = ("cross_net", "aggr_net")
-  table["cross_net.aggr_net.scale"] = (a + ("scale",), (1, 1, 1),
-                                       lambda x: x.reshape(()), lambda x: x.reshape(1, 1, 1))
-  table["cross_net.aggr_net.weight.0.weight"] = (a + ("norm", "scale"), (e,)) + same
-  table["cross_net.aggr_net.weight.0.bias"] = (a + ("norm", "bias"), (e,)) + same
-  dense("cross_net.aggr_net.weight.1", a + ("fc1",), hidden, e)
-  dense("cross_net.aggr_net.weight.3", a + ("fc2",), nc, hidden)
-  return table
-
-
-def params_from_official(state_dict: Mapping[str, Any], config) -> dict:
-  """Official SEPS state dict (`torch.load(...)['model']`, arrays as numpy) -> our params.
-
-  Args:
-    state_dict: official name -> array (`img_enc.visual_encoder.*`, `img_enc.vision_proj.*`,
-      `txt_enc.bert.*`, `txt_enc.fc.*`, `cross_net.aggr_net.*`).
-    config: the full config or `config.model` (fixes every expected name and shape).
-  Returns:
-    Nested dict of float32 numpy arrays: {'vision_encoder', 'text_encoder', 'vision_proj'?,
-    'fc'?, 'cross_net': {'aggr_net': ...}}.
-  Raises:
-    ValueError: ONE error listing every missing, unexpected and mis-shaped tensor.
-  """
-  mc = _model_cfg(config)
-  table = _head_table(mc)
-  problems, params = [], {}
-  for key, (prefix, cfg, name) in {
-      "vision_encoder": (VISION_PREFIX, mc.vision, "vision"),
-      "text_encoder": (TEXT_PREFIX, mc.text, "text")}.items():
-    try:
-      params[key] = hf_import.state_dict_to_params(cfg["model_type"], cfg, state_dict, prefix)
-    except ValueError as err:
-      problems.append(f"[{name} encoder] {err}")
-  missing = [k for k in table if k not in state_dict]
-  unexpected = [k for k in state_dict if k not in table
-                and not k.startswith((VISION_PREFIX, TEXT_PREFIX))]
-  shaped = [f"{k} {tuple(np.shape(state_dict[k]))} (expected {table[k][1]})"
-            for k in table if k in state_dict and tuple(np.shape(state_dict[k])) != table[k][1]]
-  for label, names in (("Missing", missing), ("Unexpected", unexpected),
-                       ("Wrong shape", shaped)):
-    if names:
-      problems.append(f"{label} {len(names)}: {', '.join(sorted(names))}.")
-  if problems:
-    raise ValueError("Official SEPS state dict does not match this config. " + " ".join(problems))
-  for k, (path, _, to_ours, _) in table.items():
-    node = params
-    for seg in path[:-1]:
-      node = node.setdefault(seg, {})
-    # np.array, not ascontiguousarray: the latter turns the 0-d `scale` into shape (1,).
-    node[path[-1]] = np.array(to_ours(np.asarray(state_dict[k])), dtype=np.float32, order="C")
-  return params
-
-
-def params_to_official(params: Mapping[str, Any], config) -> dict:
-  """Exact inverse of `params_from_official`: our params -> official names and layouts.
-
-  The HF poolers are not written (our encoders have none); the official loader uses
-  `load_state_dict(strict=False)`, which leaves them at their initial values (unused by SEPS).
-
-  Raises:
-    ValueError: ONE error listing every missing, unexpected and mis-shaped param.
-  """
-  mc = _model_cfg(config)
-  table = _head_table(mc)
-  flat = {tuple(p.key for p in kp): v
-          for kp, v in jax.tree_util.tree_flatten_with_path(
-              {k: v for k, v in params.items() if k not in ("vision_encoder", "text_encoder")}
-          )[0]}
-  want = {path: (name, shape, to_off) for name, (path, shape, _, to_off) in table.items()}
-  problems = []
-  missing = ["/".join(p) for p in want if p not in flat]
-  unexpected = ["/".join(p) for p in flat if p not in want]
-  for top in ("vision_encoder", "text_encoder"):
-    if top not in params:
-      missing.append(top)
-  shaped = []
-  for p, (name, shape, to_off) in want.items():
-    if p in flat and to_off(np.asarray(flat[p])).shape != shape:
-      shaped.append(f"{'/'.join(p)} {np.shape(flat[p])}")
-  for label, names in (("Missing", missing), ("Unexpected", unexpected),
-                       ("Wrong shape", shaped)):
-    if names:
-      problems.append(f"{label} {len(names)}: {', '.join(sorted(names))}.")
-  out = {}
-  for key, prefix, cfg in (("vision_encoder", VISION_PREFIX, mc.vision),
-                           ("text_encoder", TEXT_PREFIX, mc.text)):
-    if key in params:
-      try:
-        out.update(hf_import.params_to_state_dict(cfg["model_type"], cfg, params[key], prefix))
-      except ValueError as err:
-        problems.append(f"[{key}] {err}")
-  if problems:
-    raise ValueError("Params do not match this SEPS config. " + " ".join(problems))
-  for p, (name, _, to_off) in want.items():
-    out[name] = np.array(to_off(np.asarray(flat[p])), order="C")
-  return out

@@ -59,19 +59,24 @@ _NEG = -1e4
 Chunk = Optional[Union[int, Tuple[int, int]]]
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """`x * rsqrt(sum(x^2) + eps)` over the last axis, computed in float32.
+def l2_normalize(x: jax.Array, eps: float = 1e-12, *, clamp: bool = False) -> jax.Array:
+  """`x` scaled to unit L2 norm over the last axis, computed in float32.
 
-  The `x / (||x|| + eps)` form has a NaN gradient at all-zero (padding) vectors; this one does not.
+  The `x / (||x|| + eps)` form has a NaN gradient at all-zero (padding) vectors; both forms here
+  do not.
 
   Args:
     x: `[..., D]`.
-    eps: added to the squared norm.
+    eps: `clamp=False` (the kernel's form): `x * rsqrt(sum(x^2) + eps)`, eps added to the squared
+      norm. `clamp=True` (torch `F.normalize`, the official SEPS head's form):
+      `x * rsqrt(max(sum(x^2), eps^2))` = x / max(||x||, eps).
 
   Returns:
     `[..., D]` in float32 (float64 stays float64), unit norm; zero vectors stay zero.
   """
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  if clamp:  # square, not x * x: the two differ in the last bit of the gradient
+    return x * lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
   return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 

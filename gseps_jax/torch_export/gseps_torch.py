@@ -153,16 +153,23 @@ class RegionUncertainty(nn.Module):
     return self.fc2(F.gelu(self.fc1(means)))
 
 
-class GRMModel(nn.Module):
+class _DualEncoder(nn.Module):
+  """The two HF encoders and the export's metadata, shared by the scorers below."""
+
+  def __init__(self, vision_encoder: nn.Module, text_encoder: nn.Module, meta: dict):
+    super().__init__()
+    self.meta = meta
+    self.vision_encoder, self.text_encoder = vision_encoder, text_encoder
+
+
+class GRMModel(_DualEncoder):
   """GRM eval scorer over HF encoders. `heads.safetensors` names = this module's non-encoder
   state-dict names (`vision_proj.weight`, `sa.fc1.weight`, `regions.prompts`, ...)."""
 
   def __init__(self, vision_encoder: nn.Module, text_encoder: nn.Module, meta: dict):
-    super().__init__()
+    super().__init__(vision_encoder, text_encoder, meta)
     h = meta["heads"]
     e = h["embed_dim"]
-    self.meta = meta
-    self.vision_encoder, self.text_encoder = vision_encoder, text_encoder
     self.vision_proj = nn.Linear(h["vision_width"], e)
     self.text_proj = nn.Linear(h["text_width"], e)
     self.sa = SaliencyAdapter(e, h["adapter_ln_eps"])
@@ -257,17 +264,15 @@ def _hrpa(tokens, words, mask, slope):
   return t2i + i2t
 
 
-class SEPSModel(nn.Module):
+class SEPSModel(_DualEncoder):
   """SEPS eval scorer over HF encoders. `heads.safetensors` names = this module's non-encoder
   state-dict names (`vision_proj.*`, `fc.*` when the widths differ from embed_dim,
   `cross_net.aggr_net.{norm,fc1,fc2}.*`, `cross_net.aggr_net.scale`)."""
 
   def __init__(self, vision_encoder: nn.Module, text_encoder: nn.Module, meta: dict):
-    super().__init__()
+    super().__init__(vision_encoder, text_encoder, meta)
     h = meta["heads"]
     e = h["embed_dim"]
-    self.meta = meta
-    self.vision_encoder, self.text_encoder = vision_encoder, text_encoder
     self.vision_proj = nn.Linear(h["vision_width"], e) if h["vision_width"] != e else None
     self.fc = nn.Linear(h["text_width"], e) if h["text_width"] != e else None
     self.cross_net = SEPSHead(e, int(e * h["dim_ratio"]), h["num_aggregated"],

@@ -2,7 +2,7 @@
 
 Runs on your workstation (standard library only, no JAX); every remote step is one `gcloud compute
 tpus tpu-vm ssh NAME --worker=all --command=...`, so all hosts of a pod slice run the same command.
-`launch/tpu_pod.sh` is a thin wrapper around `python -m gseps_jax.launch`; see launch/README.md.
+`launch/tpu_pod.sh` is a thin wrapper around `python -m launch.tpu`; see launch/README.md.
 
   launch/tpu_pod.sh create --name=g1 --zone=us-central2-b --accelerator_type=v4-32 --queued
   launch/tpu_pod.sh setup  --name=g1 --zone=us-central2-b            # copies this working tree

@@ -1,11 +1,8 @@
 """Hugging Face PyTorch checkpoints <-> our Flax encoder params, in both directions.
 
-Our modules name their submodules like HF's PyTorch modules, so the map is one mechanical rule
-(`hf_name`): Flax path segments `layer_3` / `layers_1` / `blocks_0` become `layer.3` / `layers.1`
-/ `blocks.0`; leaves `kernel` / `scale` / `embedding` become `weight`; Dense kernels are transposed
-(`[in, out]` vs torch `[out, in]`) and conv kernels permuted (`[kh, kw, in, out]` vs
-`[out, in, kh, kw]`). Everything else (biases, `cls_token`, `position_embeddings`,
-`relative_position_bias_table`) keeps its name and layout.
+Our modules name their submodules like HF's PyTorch modules, so the map is the one mechanical
+rule of `interop/layout.py` (names and layouts; e.g. `encoder/layer_3/.../kernel` <->
+`encoder.layer.3....weight`, transposed).
 
 Names are those `save_pretrained` writes (e.g. `encoder.layer.0.attention.attention.query.weight`
 for ViT, `encoder.layer.0.attention.self.query.weight` for BERT), which are also the names in the
@@ -30,47 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gseps_jax.interop import layout
 from gseps_jax.models.encoders import ENCODERS, config_dict, encoder_from_config
 from gseps_jax.models.vit import pair
 
-_LIST_SEGMENT = re.compile(r"^(layer|layers|blocks)_(\d+)$")
-_HF_LIST_SEGMENT = ("layer", "layers", "blocks")
-_LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 IGNORED_KEYS = (re.compile(r"(^|\.)pooler\."), re.compile(r"(^|\.)relative_position_index$"),
                 re.compile(r"^embeddings\.(position_ids|token_type_ids)$"))
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-_MAX_LISTED = 20
-
-
-def hf_name(path: tuple[str, ...]) -> str:
-  """Flax param path -> HF state-dict name, e.g. `('encoder','layer_0',...,'kernel')` ->
-  `'encoder.layer.0....weight'`."""
-  parts = []
-  for seg in path[:-1]:
-    m = _LIST_SEGMENT.match(seg)
-    parts.extend([m.group(1), m.group(2)] if m else [seg])
-  parts.append(_LEAF_TO_HF.get(path[-1], path[-1]))
-  return ".".join(parts)
-
-
-def _to_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-  if path[-1] == "kernel" and x.ndim == 2:
-    return x.T
-  if path[-1] == "kernel" and x.ndim == 4:
-    return x.transpose(3, 2, 0, 1)
-  return x
-
-
-def _from_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-  if path[-1] == "kernel" and x.ndim == 2:
-    return x.T
-  if path[-1] == "kernel" and x.ndim == 4:
-    return x.transpose(2, 3, 1, 0)
-  return x
-
-
-def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-  return _to_torch_layout(path, np.empty(shape, np.bool_)).shape
 
 
 @functools.lru_cache(maxsize=32)
@@ -83,8 +46,7 @@ def _param_shapes_cached(cfg_json: str) -> dict[tuple[str, ...], tuple[int, ...]
     h, w = pair(cfg.get("image_size", 224))
     args = (jnp.zeros((1, h, w, cfg.get("num_channels", 3)), jnp.float32),)
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
-  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
-  return {tuple(k.key for k in kp): tuple(v.shape) for kp, v in flat}
+  return {path: tuple(v.shape) for path, v in layout.flatten(shapes).items()}
 
 
 def param_shapes(model_type: str, cfg: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -102,12 +64,6 @@ def _checked_cfg(model_type: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
                      f"{cfg['model_type']!r}.")
   cfg["model_type"] = model_type
   return cfg
-
-
-def _listing(names) -> str:
-  names = sorted(names)
-  more = f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
-  return ", ".join(names[:_MAX_LISTED]) + more
 
 
 def state_dict_to_params(model_type: str, cfg: Mapping[str, Any],
@@ -132,31 +88,25 @@ def state_dict_to_params(model_type: str, cfg: Mapping[str, Any],
   params: dict = {}
   used, missing = set(), []
   for path, shape in shapes.items():
-    name = prefix + hf_name(path)
+    name = prefix + layout.torch_name(path, len(shape))
     if name not in state_dict:
       missing.append(name)
       continue
     x = np.asarray(state_dict[name])
-    want = _torch_shape(path, shape)
+    want = layout.torch_shape(path, shape)
     if x.shape != want:
       raise ValueError(f"Tensor {name!r} has shape {x.shape}, expected {want} for this "
                        f"{model_type} config.")
     used.add(name)
-    x = _from_torch_layout(path, x)
-    node = params
-    for seg in path[:-1]:
-      node = node.setdefault(seg, {})
-    node[path[-1]] = np.ascontiguousarray(x, dtype=np.float32)
+    layout.set_path(params, path, np.ascontiguousarray(layout.from_torch(path, x),
+                                                     dtype=np.float32))
   unexpected = [k for k in state_dict
                 if k.startswith(prefix) and k not in used
                 and not any(p.search(k[len(prefix):]) for p in IGNORED_KEYS)]
-  if missing or unexpected:
-    msg = [f"State dict does not match the {model_type} encoder (prefix {prefix!r})."]
-    if missing:
-      msg.append(f"Missing {len(missing)}: {_listing(missing)}.")
-    if unexpected:
-      msg.append(f"Unexpected {len(unexpected)}: {_listing(unexpected)}.")
-    raise ValueError(" ".join(msg))
+  problems = layout.mismatch_report(missing, unexpected, limit=layout.MAX_LISTED)
+  if problems:
+    raise ValueError(" ".join([f"State dict does not match the {model_type} encoder (prefix "
+                               f"{prefix!r})."] + problems))
   return params
 
 
@@ -171,21 +121,21 @@ def params_to_state_dict(model_type: str, cfg: Mapping[str, Any], params: Mappin
     ValueError: listing param paths missing from / unexpected in `params` for this config.
   """
   shapes = param_shapes(model_type, cfg)
-  flat = {tuple(k.key for k in kp): v
-          for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = layout.flatten(params)
   missing = ["/".join(p) for p in shapes if p not in flat]
   unexpected = ["/".join(p) for p in flat if p not in shapes]
   if missing or unexpected:
     hint = (" (pass variables['params'], not the variables dict)"
             if set(params) == {"params"} else "")
     raise ValueError(f"Params do not match the {model_type} encoder{hint}: missing "
-                     f"{_listing(missing)}; unexpected {_listing(unexpected)}.")
+                     f"{layout.listing(missing, layout.MAX_LISTED)}; unexpected "
+                     f"{layout.listing(unexpected, layout.MAX_LISTED)}.")
   out = {}
   for path in shapes:
     x = np.asarray(flat[path])
     if x.shape != shapes[path]:
       raise ValueError(f"Param {'/'.join(path)} has shape {x.shape}, expected {shapes[path]}.")
-    out[prefix + hf_name(path)] = np.ascontiguousarray(_to_torch_layout(path, x))
+    out[prefix + layout.torch_name(path, x.ndim)] = np.ascontiguousarray(layout.to_torch(path, x))
   return out
 
 
