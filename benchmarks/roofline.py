@@ -181,14 +181,11 @@ def build_train_step(config, steps_per_epoch: int = 1000):
   model = models.build_model(config.model)
   sample = state_lib.sample_batch(config, batch_size=2)
   key = jax.random.key(config.seed)
-  abstract_params = jax.eval_shape(
-      lambda: model.init({"params": key, "dropout": key, "gumbel": key, "noise": key}, sample,
-                         train=False)["params"])
+  abstract_params = state_lib.abstract_params(model, sample)
   tx, _, _ = optim.make_optimizer(config.optim, steps_per_epoch, abstract_params)
 
   def init():
-    rngs = dict(zip(("params", "dropout", "gumbel", "noise"), jax.random.split(key, 4)))
-    params = model.init(rngs, sample, train=False)["params"]
+    params = state_lib.init_params(model, sample, key)
     return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=tx.init(params))
 

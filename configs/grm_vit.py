@@ -9,9 +9,9 @@ Variants (comma-separated, `--config configs/grm_vit.py:tiny`):
   infonce  InfoNCE with a learnable temperature instead of the VSE++ hinge.
   key=value pairs override `model.grm.*` fields, e.g. `tau=0.5,hard=false,num_regions=8`.
 
-Recipe (as the SEPS paper and official code): VSE++ hinge, margin 0.2, summed, all-negative warm-up epoch
-scaled i/n_batches, then hardest negatives; AdamW wd 1e-4, lr 2e-4 (backbones x0.1), x0.3 at
-epochs 9/15/20/25, 30 epochs, clip 2.0, batch 128, fp32. L = 0.4 L(ori) + 0.4 L(key) +
+Recipe (as the SEPS paper and official code): VSE++ hinge, margin 0.2, summed, all-negative
+warm-up epoch scaled i/n_batches, then hardest negatives; AdamW wd 1e-4, lr 2e-4 (backbones
+x0.1), x0.3 at epochs 9/15/20/25, 30 epochs, clip 2.0, batch 128, fp32. L = 0.4 L(ori) + 0.4 L(key) +
 0.2 L(unc) + 0.1 recon + 0.01 KL + 0.01 entropy (bounded) + 1.0 region-map overlap + 2.0
 keep-ratio penalty. Eval score = 0.4 s_ori + 0.4 s_key + 0.2 s_unc (`level_weights`: a scoring
 choice; a checkpoint restores under other level weights, see gseps_jax/checkpoint.py).

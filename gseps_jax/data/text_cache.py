@@ -226,7 +226,7 @@ def enabled(config, *, kind: str = "captions", train: bool = False) -> bool:
     return False
   if kind == "dense":
     from gseps_jax import models  # pylint: disable=g-import-not-at-top
-    if not models.build_model(m).uses_dense:
+    if not models.uses_dense(m):
       return False
   if train and kind == "captions" and float(config.data.get("text_aug_prob", 0.0)) > 0:
     log.warning("Text augmentation is on (data.text_aug_prob = %s): the frozen text tower runs "

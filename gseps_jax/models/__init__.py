@@ -13,3 +13,10 @@ def build_model(model_cfg):
     raise ValueError(f"config.model.name={name!r} is not a known model; choose one of "
                      f"{sorted(MODELS)}.")
   return MODELS[name].from_config(model_cfg)
+
+
+def uses_dense(model_cfg) -> bool:
+  """Whether the model `model_cfg` describes scores dense captions (the data layer asks this to
+  decide which text features to cache). A model outside `MODELS` (e.g. the baselines of
+  benchmarks/demo_table.py, trained by the same loop) reads none."""
+  return model_cfg.get("name") in MODELS and build_model(model_cfg).uses_dense
