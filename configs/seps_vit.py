@@ -47,6 +47,7 @@ def seps_defaults(rho: float, alpha: float) -> ml_collections.ConfigDict:
       selection="official",  # official (no gradient through selection) | straight_through
       st_temperature=0.05,  # soft-mask temperature of the straight-through backward pass
       precision="highest",  # head matmul precision (highest = PyTorch fp32)
+      gather_kept="auto",  # auto | on | off: aggregate over the K kept patches only (auto: on CPU)
       eval_text_cut=90,  # parity eval keeps the first 90 text token features (official)
       ratio_weight=2.0,  # weight of the reported (constant) official ratio term
       train_chunk=0,  # pair tile of the in-batch scores; 0 = one tile

@@ -64,6 +64,7 @@ class SEPSHead(nn.Module):
     selection: "official" | "straight_through" (module docstring).
     st_temperature: soft-mask temperature of the straight-through backward pass.
     precision: matmul precision name ("highest" matches PyTorch fp32).
+    gather_kept: "auto" | "on" | "off", contract over the kept patches only (`sdtps`).
   """
   num_aggregated: int
   rho: float
@@ -74,6 +75,7 @@ class SEPSHead(nn.Module):
   selection: str = "official"
   st_temperature: float = 0.05
   precision: str = "highest"
+  gather_kept: str = "auto"
 
   def setup(self):
     if self.selection not in sdtps.SELECTIONS:
@@ -81,6 +83,7 @@ class SEPSHead(nn.Module):
     if self.dense_mode not in sdtps.DENSE_MODES:
       raise ValueError(f"dense_mode must be one of {sdtps.DENSE_MODES}, got "
                        f"{self.dense_mode!r}.")
+    sdtps.gather_kept_default(self.gather_kept, self.selection)  # raises on a bad combination
     self.aggr_net = AggregationNet(self.num_aggregated, self.dim_ratio)
 
   def prepare_images(self, tokens: Array) -> dict:
@@ -139,7 +142,8 @@ class SEPSHead(nn.Module):
         img, cap, dense, k=sdtps.num_kept(n, self.rho), use_sparse=self.use_sparse,
         use_dense=self.use_dense, dense_mode=dense_mode or self.dense_mode,
         selection=self.selection, st_temperature=self.st_temperature, chunk=chunk,
-        precision=sdtps.PRECISIONS[self.precision], dense_index=dense_index)
+        precision=sdtps.PRECISIONS[self.precision], dense_index=dense_index,
+        gather_kept=self.gather_kept)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,6 +184,7 @@ class SEPS(nn.Module):
   selection: str = "official"
   st_temperature: float = 0.05
   precision: str = "highest"
+  gather_kept: str = "auto"
   eval_text_cut: int = 90
   ratio_weight: float = 2.0
   freeze_text: bool = False
@@ -198,7 +203,8 @@ class SEPS(nn.Module):
                embed_dim=model_cfg.embed_dim, rho=sc.rho, dim_ratio=sc.dim_ratio,
                use_sparse=sc.use_sparse, use_dense=sc.use_dense, dense_mode=sc.dense_mode,
                selection=sc.selection, st_temperature=sc.st_temperature,
-               precision=sc.precision, eval_text_cut=sc.eval_text_cut,
+               precision=sc.precision, gather_kept=sc.get("gather_kept", "auto"),
+               eval_text_cut=sc.eval_text_cut,
                ratio_weight=sc.ratio_weight, freeze_text=model_cfg.get("freeze_text", False),
                train_chunk=sc.train_chunk or None, dtype=model_cfg.dtype,
                remat=model_cfg.get("remat", "none"))  # older saved configs have none
@@ -213,7 +219,8 @@ class SEPS(nn.Module):
     self.cross_net = SEPSHead(
         num_aggregated=self.num_aggregated, rho=self.rho, dim_ratio=self.dim_ratio,
         use_sparse=self.use_sparse, use_dense=self.use_dense, dense_mode=self.dense_mode,
-        selection=self.selection, st_temperature=self.st_temperature, precision=self.precision)
+        selection=self.selection, st_temperature=self.st_temperature, precision=self.precision,
+        gather_kept=self.gather_kept)
 
   # -- what callers need to know without asking which model this is (docs/design.md) ---------
   official_layout = True  # interop/official_seps.py converts the authors' checkpoints
