@@ -51,6 +51,7 @@ from gseps_jax import models
 from gseps_jax import optim
 from gseps_jax import state as state_lib
 from gseps_jax import trainer
+from gseps_jax.models import sdtps
 from gseps_jax.models import seps as seps_lib
 from gseps_jax.models import similarity
 
@@ -194,8 +195,42 @@ def build_train_step(config, steps_per_epoch: int = 1000):
   return model, tx, step, init
 
 
+def _seps_head_image_cost(config, b: int) -> float:
+  """FLOPs of one image's pass through the SEPS in-batch head (forward + backward against the
+  batch's b captions and dense captions; all-patch path), lowered with one image so that no
+  loop hides work."""
+  sc = config.model.seps
+  n = sc.num_patches if sc.num_patches > 0 else seps_lib.backbone_num_patches(config.model.vision)
+  cls = int(config.model.vision["model_type"] == "vit")  # ViT: a CLS before the patch grid
+  head = seps_lib.SEPSHead(num_aggregated=sdtps.num_aggregated(n, sc.alpha, sc.rho),
+                           rho=sc.rho, dense_mode=sc.dense_mode, gather_kept="off")
+  d, lc, ld = config.model.embed_dim, config.data.max_len, config.data.dense_max_len
+  nd = b if sc.dense_mode == "parity" else 1
+  shapes = (_sds(1, n + cls, d), _sds(b, lc, d), _sds(b, lc, dtype=bool), _sds(nd, ld, d),
+            _sds(nd, ld, dtype=bool))
+  params = jax.eval_shape(lambda: head.init(
+      jax.random.key(0), *(jnp.zeros(x.shape, x.dtype) for x in shapes)))["params"]
+
+  def loss(p, img, cap, cm, den, dm):
+    return jnp.sum(head.apply({"params": p}, img, cap, cm, den, dm))
+
+  return cost_of(jax.grad(loss, argnums=(0, 1, 2, 4)), params, *shapes)["flops"]
+
+
 def train_step_cost(config) -> dict:
-  """Cost analysis of one train step at `config`'s size (lowered on abstract values only)."""
+  """Cost analysis of one train step at `config`'s size (lowered on abstract values only).
+
+  SEPS: the step is counted with the all-patch head (`gather_kept="off"`, the accelerator path).
+  Its in-batch head loops over the images (`sdtps.pair_scores`) and XLA counts a loop body once,
+  so (B - 1) times one image's forward + backward (`_seps_head_image_cost`) is added
+  (`head_loop_flops`).
+  """
+  extra = 0.0
+  if config.model.name == "seps":
+    config = config.copy_and_resolve_references()
+    config.model.seps.gather_kept = "off"
+    b = config.train.batch_size
+    extra = (b - 1) * _seps_head_image_cost(config, b)
   _, _, step, init = build_train_step(config)
   abstract_state = jax.eval_shape(init)
   b = config.train.batch_size
@@ -203,6 +238,8 @@ def train_step_cost(config) -> dict:
   abstract_batch = {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype) for k, v in batch.items()}
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   out = cost_of(step, abstract_state, abstract_batch, rng)
+  out["counted_flops"], out["head_loop_flops"] = out["flops"], extra
+  out["flops"] += extra
   out["params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)))
   return out
 
@@ -240,7 +277,7 @@ def grm_scoring_cost(n_img: int, n_cap: int, *, tile: tuple[int, int] = (250, 12
 
 
 def _seps_head(num_patches: int = IMG_TOKENS - 1):
-  return seps_lib.SEPSHead(num_aggregated=seps_lib.num_aggregated(num_patches, 0.4, 0.5),
+  return seps_lib.SEPSHead(num_aggregated=sdtps.num_aggregated(num_patches, 0.4, 0.5),
                            rho=0.5, dense_mode="parity")
 
 
@@ -261,7 +298,7 @@ def seps_scoring_cost(n_img: int, n_cap: int, *, tile: tuple[int, int] = (1, 250
     return head.apply({"params": p}, x, method=seps_lib.SEPSHead.prepare_images)
 
   def prep_txt(x, m):
-    return seps_lib.prepare_texts(x, m)
+    return sdtps.prepare_texts(x, m)
 
   c_img = cost_of(prep_img, params, _sds(n_img, IMG_TOKENS, EMBED))
   c_cap = cost_of(prep_txt, _sds(n_cap, CAP_LEN, EMBED), _sds(n_cap, CAP_LEN, dtype=bool))
@@ -274,8 +311,12 @@ def seps_scoring_cost(n_img: int, n_cap: int, *, tile: tuple[int, int] = (1, 250
   nd_t = tc if dense_mode == "parity" else ti
   den_t = jax.eval_shape(prep_txt, _sds(nd_t, DENSE_LEN, EMBED),
                          _sds(nd_t, DENSE_LEN, dtype=bool))
-  k = seps_lib.num_kept(IMG_TOKENS - 1, 0.5)
-  pair = functools.partial(seps_lib.pair_scores, k=k, dense_mode=dense_mode, chunk=None)
+  k = sdtps.num_kept(IMG_TOKENS - 1, 0.5)
+  # The accelerator path (gather_kept "auto" is off on GPU/TPU): one contraction over all
+  # patches. (The CPU's kept-patch gather loops over captions, and XLA's cost analysis counts a
+  # loop body once, so its tile would be undercounted here.)
+  pair = functools.partial(sdtps.pair_scores, k=k, dense_mode=dense_mode, chunk=None,
+                           gather_kept="off")
   c_tile = cost_of(pair, img_t, cap_t, den_t)
   prep_flops = c_img["flops"] + c_cap["flops"] + c_den["flops"]
   prep_bytes = c_img["bytes"] + c_cap["bytes"] + c_den["bytes"]

@@ -31,6 +31,7 @@ Sections:
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -92,6 +93,7 @@ for _p in (_HERE, os.path.dirname(_HERE)):
 import _official  # pylint: disable=g-import-not-at-top
 import roofline
 from gseps_jax.interop import official_seps
+from gseps_jax.models import sdtps
 from gseps_jax.models import seps as seps_lib
 from gseps_jax.models import similarity
 
@@ -118,6 +120,17 @@ def interleaved(off_fn, ours_fn, reps):
     off.append(_time(off_fn))
     ours.append(_time(ours_fn))
   return off, ours
+
+
+def interleaved_many(fns, reps):
+  """Warm every side, then run them in turn `reps` times. Returns one list of times per side."""
+  for f in fns:
+    f()
+  times = [[] for _ in fns]
+  for _ in range(reps):
+    for t, f in zip(times, fns):
+      t.append(_time(f))
+  return times
 
 
 def _pair(s):
@@ -164,45 +177,79 @@ def bench_score(args, vse, cross_net_mod):
     _sync_torch()
     return out
 
-  head = seps_lib.SEPSHead(num_aggregated=net.keeped_patches, rho=opt.sparse_ratio,
-                           dense_mode="parity")
   official = {k: v.detach().cpu().numpy() for k, v in net.aggr_net.state_dict().items()}
   params = {"aggr_net": jax.tree.map(jnp.asarray,
                                      official_seps.aggr_net_from_official(official))}
   chunk = _pair(args.chunk)
+  # Ours twice: contracting over the K kept patches (gather_kept="on") and over all N with a
+  # masked softmax ("off"); "auto" picks one per backend (sdtps.gather_kept_default).
+  heads = {g: seps_lib.SEPSHead(num_aggregated=net.keeped_patches, rho=opt.sparse_ratio,
+                                dense_mode="parity", gather_kept=g) for g in ("on", "off")}
   if args.repeat_dense:  # ours on the official caption-aligned layout (no sharing)
     j_args = [jnp.asarray(a) for a in (img, cap, cap_mask, den[cap_img], den_mask[cap_img])]
-    score = jax.jit(lambda p, *a: head.apply({"params": p}, *a, chunk=chunk))
+    scorers = {g: jax.jit(lambda p, *a, h=h: h.apply({"params": p}, *a, chunk=chunk))
+               for g, h in heads.items()}
   else:
     j_args = [jnp.asarray(a) for a in (img, cap, cap_mask, den, den_mask, cap_img)]
-    score = jax.jit(lambda p, *a: head.apply({"params": p}, *a[:5], chunk=chunk,
-                                              dense_index=a[5]))
-
-  def ours_run():
-    return score(params, *j_args).block_until_ready()
+    scorers = {g: jax.jit(lambda p, *a, h=h: h.apply({"params": p}, *a[:5], chunk=chunk,
+                                                       dense_index=a[5]))
+               for g, h in heads.items()}
+  runs = {g: (lambda f=f: f(params, *j_args).block_until_ready()) for g, f in scorers.items()}
+  auto = "on" if sdtps.gather_kept_default("auto", "official") else "off"
 
   t0 = time.perf_counter()
-  ours = np.asarray(ours_run())
+  ours = {g: np.asarray(r()) for g, r in runs.items()}
   compile_s = time.perf_counter() - t0
   off = off_run().cpu().numpy()
-  diff = float(np.max(np.abs(off - ours)))
-  print(f"[score] parity: max |official - ours| = {diff:.3g} over {ni}x{nc} scores "
-        f"(scores span {off.min():.3f}..{off.max():.3f}); our compile+first run {compile_s:.1f} s")
-  t_off, t_ours = interleaved(off_run, ours_run, args.reps)
+  diff = float(max(np.max(np.abs(off - o)) for o in ours.values()))
+  print(f"[score] parity: max |official - ours| = {diff:.3g} over {ni}x{nc} scores, both "
+        f"variants (scores span {off.min():.3f}..{off.max():.3f}); our compile+first runs "
+        f"{compile_s:.1f} s")
+  times = interleaved_many([off_run, runs["on"], runs["off"]], args.reps)
+  t_off, t_on, t_all = times
   pairs = ni * nc
-  m_off, m_ours = float(np.median(t_off)), float(np.median(t_ours))
+  med = {k: float(np.median(t)) for k, t in zip(("official", "on", "off"), times)}
+  m_off, m_ours = med["official"], med[auto]
   ratio = m_off / m_ours
   layout = ("caption-aligned (repeated)" if args.repeat_dense else
             f"{ni} distinct, shared via dense_index")
+  flops = _seps_pair_flops(heads, n_tok, l_cap, l_den, d, opt.sparse_ratio)
   print(f"[score] {ni} images x {nc} captions, dense captions: official {nc} caption-aligned, "
-        f"ours {layout}; N_c={net.keeped_patches}: "
-        f"official {m_off:.3f} s ({pairs / m_off:,.0f} pairs/s), ours {m_ours:.3f} s "
-        f"({pairs / m_ours:,.0f} pairs/s), chunk {chunk} -> {_verdict(ratio, TARGETS['score'])}")
-  # Achieved FLOP/s of ours from XLA's own count (one untiled tile of the same shapes).
+        f"ours {layout}; N_c={net.keeped_patches}, chunk {chunk}:\n"
+        f"        official {m_off:.3f} s ({pairs / m_off:,.0f} pairs/s); ours kept-patch gather "
+        f"{med['on']:.3f} s ({pairs / med['on']:,.0f} pairs/s, {m_off / med['on']:.2f}x, "
+        f"{flops['on'] / 1e6:.1f} MFLOP per image-caption pair); ours all patches "
+        f"{med['off']:.3f} s ({pairs / med['off']:,.0f} pairs/s, {m_off / med['off']:.2f}x, "
+        f"{flops['off'] / 1e6:.1f} MFLOP/pair); gather {med['off'] / med['on']:.2f}x faster")
+  print(f"[score] ours as configured (gather_kept=auto -> {auto} on {jax.default_backend()}): "
+        f"{_verdict(ratio, TARGETS['score'])}")
   return {"images": ni, "captions": nc, "max_abs_diff": diff, "official_s": t_off,
-          "ours_s": t_ours, "official_median_s": m_off, "ours_median_s": m_ours, "ratio": ratio,
+          "ours_s": t_on if auto == "on" else t_all, "ours_gather_s": t_on, "ours_all_s": t_all,
+          "official_median_s": m_off, "ours_median_s": m_ours, "ratio": ratio,
+          "gather_kept_auto": auto, "ratio_gather": m_off / med["on"],
+          "ratio_all_patches": m_off / med["off"], "flops_per_pair": flops,
           "pairs_per_s_official": pairs / m_off, "pairs_per_s_ours": pairs / m_ours,
           "chunk": chunk, "repeat_dense": bool(args.repeat_dense)}
+
+
+def _seps_pair_flops(heads, n_tok, l_cap, l_den, d, rho):
+  """XLA-counted FLOPs of scoring one prepared image against one caption (sparse + parity dense
+  branch), per variant; the per-image and per-text preparation (done once, not per pair) is not
+  included. A 1 x 1 pair grid runs every loop of the scorer once, so the count is exact (XLA's
+  cost analysis counts a loop body once, whatever its trip count)."""
+  sds = lambda *s, dt=jnp.float32: jax.ShapeDtypeStruct(s, dt)
+  head = heads["on"]
+  p = jax.eval_shape(lambda: head.init(
+      jax.random.key(0), jnp.zeros((1, n_tok, d)), jnp.zeros((1, l_cap, d)),
+      jnp.ones((1, l_cap), bool), jnp.zeros((1, l_den, d)), jnp.ones((1, l_den), bool)))
+  img = jax.eval_shape(lambda p, x: head.apply(p, x, method=seps_lib.SEPSHead.prepare_images),
+                       p, sds(1, n_tok, d))
+  cap = jax.eval_shape(sdtps.prepare_texts, sds(1, l_cap, d), sds(1, l_cap, dt=bool))
+  den = jax.eval_shape(sdtps.prepare_texts, sds(1, l_den, d), sds(1, l_den, dt=bool))
+  k = sdtps.num_kept(n_tok - 1, rho)
+  return {g: roofline.cost_of(functools.partial(sdtps.pair_scores, k=k, dense_mode="parity",
+                                                chunk=None, gather_kept=g), img, cap, den)["flops"]
+          for g in heads}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,8 +279,10 @@ def _official_train(args, vse, vision, text, batch):
   return step, n_params, model.cross_net.keeped_patches
 
 
-def _our_train(name, vision, text, batch_np, num_aggregated=None):
+def _our_train(name, vision, text, batch_np, num_aggregated=None, gather_kept="auto"):
   config = roofline.train_config(name, vision, text, batch=batch_np["image"].shape[0])
+  if name == "seps":
+    config.model.seps.gather_kept = gather_kept
   if name == "seps" and num_aggregated is not None:
     # N_c from the true patch grid on both sides (the official encoder hard-codes 196 patches).
     grid = (vision["image_size"] // vision["patch_size"]) ** 2
@@ -260,38 +309,38 @@ def bench_train(args, vse):
   batch = roofline.random_batch(cfg, np.random.default_rng(0), args.batch)
   off_step, off_params, off_nc = _official_train(args, vse, vision, text, batch)
   seps_step, seps_params, seps_cfg = _our_train("seps", vision, text, batch, off_nc)
+  auto = "on" if sdtps.gather_kept_default("auto", seps_cfg.model.seps.selection) else "off"
+  other = "off" if auto == "on" else "on"
+  alt_step, _, _ = _our_train("seps", vision, text, batch, off_nc, gather_kept=other)
   grm_step, grm_params, _ = _our_train("grm", vision, text, batch)
   print(f"[train] {args.layers} layers, width {args.width}, {args.image_size} px, batch "
         f"{args.batch}, captions {cfg.data.max_len} / dense {cfg.data.dense_max_len} tokens; "
         f"params official {off_params / 1e6:.2f} M, our SEPS {seps_params / 1e6:.2f} M, "
         f"our GRM {grm_params / 1e6:.2f} M; N_c {off_nc}")
-  t0 = time.perf_counter()
-  seps_step()
-  print(f"[train] our SEPS compile + first step {time.perf_counter() - t0:.1f} s")
-  t0 = time.perf_counter()
-  grm_step()
-  print(f"[train] our GRM compile + first step {time.perf_counter() - t0:.1f} s")
-  off_step()
-  t_off, t_seps, t_grm = [], [], []
-  for _ in range(args.reps):
-    t_off.append(_time(off_step))
-    t_seps.append(_time(seps_step))
-    t_grm.append(_time(grm_step))
-  m_off, m_seps, m_grm = (float(np.median(t)) for t in (t_off, t_seps, t_grm))
+  for name, fn in (("SEPS", seps_step), (f"SEPS gather_kept={other}", alt_step),
+                   ("GRM", grm_step)):
+    t0 = time.perf_counter()
+    fn()
+    print(f"[train] our {name} compile + first step {time.perf_counter() - t0:.1f} s")
+  t_off, t_seps, t_alt, t_grm = interleaved_many([off_step, seps_step, alt_step, grm_step],
+                                                 args.reps)
+  m_off, m_seps, m_alt, m_grm = (float(np.median(t)) for t in (t_off, t_seps, t_alt, t_grm))
   ratio = m_off / m_seps
-  print(f"[train] SEPS step: official {m_off:.3f} s, ours {m_seps:.3f} s -> "
+  print(f"[train] SEPS step: official {m_off:.3f} s, ours {m_seps:.3f} s (gather_kept=auto -> "
+        f"{auto}; with {other}: {m_alt:.3f} s, {m_off / m_alt:.2f}x) -> "
         f"{_verdict(ratio, TARGETS['train'])}")
   print(f"[train] GRM step (ours) {m_grm:.3f} s = {m_grm / m_seps:.2f}x our SEPS step "
         "(no official GRM code exists)")
-  # XLA's FLOP count of the same steps, for the achieved CPU FLOP/s.
-  flops = {}
-  for name in ("seps", "grm"):
-    c = roofline.train_step_cost(roofline.train_config(name, vision, text, batch=args.batch))
-    flops[name] = c["flops"]
-  print(f"[train] achieved: our SEPS {flops['seps'] / m_seps / 1e9:.1f} GFLOP/s, "
-        f"our GRM {flops['grm'] / m_grm / 1e9:.1f} GFLOP/s (XLA-counted FLOPs / median time)")
-  return {"official_s": t_off, "seps_s": t_seps, "grm_s": t_grm, "official_median_s": m_off,
-          "seps_median_s": m_seps, "grm_median_s": m_grm, "ratio": ratio,
+  # XLA's FLOP count, for the achieved CPU FLOP/s. GRM only: the SEPS head scores its pairs in
+  # loops (one image, and with the gather one caption, per iteration) and XLA's cost analysis
+  # counts a loop body once, so a whole-step count would leave most of the head out.
+  flops = {"grm": roofline.train_step_cost(
+      roofline.train_config("grm", vision, text, batch=args.batch))["flops"]}
+  print(f"[train] achieved: our GRM {flops['grm'] / m_grm / 1e9:.1f} GFLOP/s (XLA-counted FLOPs "
+        "/ median time)")
+  return {"official_s": t_off, "seps_s": t_seps, "seps_alt_s": t_alt, "grm_s": t_grm,
+          "official_median_s": m_off, "seps_median_s": m_seps, "seps_alt_median_s": m_alt,
+          "gather_kept_auto": auto, "ratio": ratio, "ratio_alt": m_off / m_alt,
           "grm_over_seps": m_grm / m_seps, "xla_flops": flops,
           "params": {"official": off_params, "seps": seps_params, "grm": grm_params}}
 

@@ -50,6 +50,17 @@ def test_tiled_scoring_cost_is_tile_times_count():
   assert 3.5 < whole["flops"] / small["flops"] < 4.5
 
 
+def test_seps_scoring_cost_per_pair_between_bounds():
+  """The SEPS roofline lowers (it stopped lowering once, unnoticed, when the kernel moved to
+  models/sdtps.py): per pair, at least the all-patch aggregation GEMM 2 N_c N D, and less than
+  the official loop, which re-runs the aggregation MLP for every pair."""
+  c = roofline.seps_scoring_cost(2, 8, tile=(1, 4))
+  assert c["n_tiles"] == 4 and c["pairs"] == 16
+  per_pair = c["tile_flops"] / 4
+  off = roofline.official_seps_pair_flops()
+  assert 2 * off["N_c"] * 196 * 512 <= per_pair < off["pair"]
+
+
 def test_official_pair_flops_hand_count():
   off = roofline.official_seps_pair_flops()
   assert (off["K"], off["N_c"], off["H"], off["T"]) == (98, 39, 102, 41)

@@ -247,41 +247,45 @@ def sdtps_tokens(img: dict, text_cos: Array, *, k: int, selection: str, st_tempe
   return l2_normalize(jnp.concatenate([cls, agg, fused], axis=2))
 
 
-def _gathered_tokens(im: dict, text_cos: Array, *, k: int, precision) -> Array:
-  """Unnormalised [aggregated, fused] tokens `[Tc, N_c + 1, D]` of ONE image for a tile of
-  guide texts, contracting over the K kept patches only ("official" selection: same values as
-  the masked softmax over all N patches in `_image_pair_sims`, up to summation order).
+def _gathered_sims(im: dict, text_cos: Array, words: Array, *, k: int, precision) -> Array:
+  """`_image_pair_sims` without the CLS columns, contracting over the K kept patches only
+  ("official" selection: the same values as the masked softmax over all N patches, up to
+  summation order).
 
-  Per pair the K kept patch rows are gathered and aggregated inside a loop over the captions, so
-  the gathered `[K, D]` block stays in cache: N_c * K * D multiply-adds per pair instead of
-  N_c * N * D (about half at rho = 0.5), plus a K * D gather. The fused token is one plain GEMM
-  over all patches (its weights are 0 on the kept ones).
+  Per caption, inside one loop: gather the K kept patch rows, aggregate them (N_c * K * D
+  multiply-adds instead of N_c * N * D, about half at rho = 0.5) and dot the caption's words with
+  the pair's tokens, so the gathered `[K, D]` block and the `[N_c + 1, D]` tokens stay in cache.
+  The fused tokens are one plain GEMM over all patches for the tile (their weights are 0 on the
+  kept ones). Returns `[Tc, L, N_c + 1]`.
   """
   score = im["self_attn"][None, :] + text_cos  # [Tc, N]
   n = score.shape[-1]
   _, idx = lax.top_k(lax.stop_gradient(score), k)  # [Tc, K]
   # Softmax over the kept patches of each aggregation logit: all K are kept, no mask needed.
   w = jax.nn.softmax(jnp.take(im["logits"], idx, axis=0), axis=1)  # [Tc, K, N_c]
-
-  def one(args):
-    i, wj = args
-    return jnp.einsum("kc,kd->cd", wj, jnp.take(im["x"], i, axis=0), precision=precision)
-
-  agg = lax.map(one, (idx, w))  # [Tc, N_c, D]
   if k < n:
     hard = _index_mask(idx, n)
     f = _masked_softmax(score, (~hard).astype(score.dtype), ~hard, axis=-1)
-    fused = jnp.einsum("jn,nd->jd", f, im["x"], precision=precision)
+    fused = jnp.einsum("jn,nd->jd", f, im["x"], precision=precision)  # [Tc, D]
   else:  # zero fused token -> zero similarities, as the official normalised zero token
-    fused = jnp.zeros((agg.shape[0], agg.shape[-1]), agg.dtype)
-  return jnp.concatenate([agg, fused[:, None]], axis=1)
+    fused = jnp.zeros((score.shape[0], im["x"].shape[-1]), im["x"].dtype)
+
+  def one(args):
+    i, wj, fj, words_j = args
+    agg = jnp.einsum("kc,kd->cd", wj, jnp.take(im["x"], i, axis=0), precision=precision)
+    tok = jnp.concatenate([agg, fj[None]], axis=0)  # [N_c + 1, D] unnormalised
+    raw = jnp.einsum("ld,td->lt", words_j, tok, precision=precision)
+    return raw * lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(tok), axis=-1),
+                                       NORM_EPS * NORM_EPS))[None, :]
+
+  return lax.map(one, (idx, w, fused, words))
 
 
 GATHER_KEPT = ("auto", "on", "off")
 
 
 def gather_kept_default(setting: str, selection: str) -> bool:
-  """Whether the per-pair branches contract over the K kept patches only (`_gathered_tokens`).
+  """Whether the per-pair branches contract over the K kept patches only (`_gathered_sims`).
 
   `setting` ("auto" | "on" | "off"): "auto" is on where it was measured faster (CPU: the
   aggregation GEMM 1.67x faster at N = 196, K = 98, D = 512; docs/performance.md) and off on
@@ -320,14 +324,14 @@ def _image_pair_sims(im: dict, text_cos: Array, words: Array, *, k: int, selecti
       logits_t [N_c, N].
     text_cos: [Tc, N] cos(x_n, guide-text mean), guide j aligned with words j.
     words: [Tc, L, D] normalised words.
-    gather: contract over the kept patches only (`_gathered_tokens`; "official" selection).
+    gather: contract over the kept patches only (`_gathered_sims`; "official" selection).
   Returns:
     [Tc, L, C + N_c + 1] cosines word . normalised token, tokens [CLS?, aggregated, fused].
   """
   if gather:
     if selection != "official":
       raise ValueError("gather=True needs the 'official' selection (see gather_kept_default).")
-    tok = _gathered_tokens(im, text_cos, k=k, precision=precision)
+    sims = _gathered_sims(im, text_cos, words, k=k, precision=precision)
   else:
     w, f = _selection_weights(im["self_attn"], im["logits_t"], text_cos, k=k,
                               selection=selection, st_temperature=st_temperature)
@@ -336,9 +340,9 @@ def _image_pair_sims(im: dict, text_cos: Array, words: Array, *, k: int, selecti
     else:  # zero fused token -> zero similarities, as the official normalised zero token
       a = jnp.pad(w, [(0, 0), (0, 1), (0, 0)])
     tok = jnp.einsum("jtn,nd->jtd", a, im["x"], precision=precision)  # unnormalised
-  nsq = jnp.sum(jnp.square(tok), axis=-1)  # [Tc, T']
-  raw = jnp.einsum("jld,jtd->jlt", words, tok, precision=precision)
-  sims = raw * lax.rsqrt(jnp.maximum(nsq, NORM_EPS * NORM_EPS))[:, None, :]
+    nsq = jnp.sum(jnp.square(tok), axis=-1)  # [Tc, T']
+    raw = jnp.einsum("jld,jtd->jlt", words, tok, precision=precision)
+    sims = raw * lax.rsqrt(jnp.maximum(nsq, NORM_EPS * NORM_EPS))[:, None, :]
   if im["cls_n"].shape[0] == 0:
     return sims
   cls_sims = jnp.einsum("jld,cd->jlc", words, im["cls_n"], precision=precision)
