@@ -44,7 +44,8 @@ def _parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--official_dir", default=None, help="official SEPS checkout (default "
                  "benchmarks/_official)")
-  p.add_argument("--only", default="score,train,grm", help="comma list of sections")
+  p.add_argument("--only", default="score,train,grm", help="comma list of sections (score, "
+                 "train, grm; trainprof: the train step of both sides cut into phases)")
   p.add_argument("--threads", type=int, default=0, help="CPU threads for both sides (0 = all "
                  "CPUs this process may use)")
   p.add_argument("--reps", type=int, default=3, help="timed repetitions per side (interleaved)")
@@ -92,6 +93,8 @@ for _p in (_HERE, os.path.dirname(_HERE)):
 
 import _official  # pylint: disable=g-import-not-at-top
 import roofline
+from gseps_jax import state as state_lib
+from gseps_jax import trainer
 from gseps_jax.interop import official_seps
 from gseps_jax.models import sdtps
 from gseps_jax.models import seps as seps_lib
@@ -345,6 +348,94 @@ def bench_train(args, vse):
           "params": {"official": off_params, "seps": seps_params, "grm": grm_params}}
 
 
+def bench_train_profile(args, vse):
+  """Where the two SEPS train steps spend their time: the same step cut into cumulative phases
+  on each side (encoders forward; whole forward with the head and loss; forward + backward;
+  the full step with clipping and AdamW), interleaved; differences attribute the time."""
+  vision, text = roofline.reduced_encoders(args.width, args.layers, args.image_size)
+  cfg = roofline.train_config("seps", vision, text, batch=args.batch)
+  batch = roofline.random_batch(cfg, np.random.default_rng(0), args.batch)
+  opt = _official.make_opt(max_violation=True)
+  torch.manual_seed(0)
+  model = _official.build_vse_model(vse, vision, text, opt).to(DEV).train()
+  optimizer = vse.create_optimizer(opt, model)
+  t = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind in "iu" else v).to(DEV)
+       for k, v in batch.items() if k != "image"}
+  images = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(DEV)
+
+  def towers():
+    return (model.img_enc(images), model.txt_enc(t["input_ids"], t["_lens"]),
+            model.txt_enc(t["dense_ids"], t["_dense_lens"]))
+
+  def forward():
+    return model(images, t["input_ids"], t["_lens"], img_ids=t["image_index"],
+                 warmup_alpha=1.0, long_captions=t["dense_ids"], long_lengths=t["_dense_lens"])[0]
+
+  def off(phase):
+    def run():
+      optimizer.zero_grad()
+      if phase == "towers":
+        with torch.no_grad():  # forward cost only; autograd bookkeeping is in the next phases
+          towers()
+      elif phase == "towers_bwd":
+        sum(x.float().sum() for x in towers()).backward()
+      elif phase == "forward":
+        with torch.no_grad():
+          forward()
+      else:
+        forward().backward()
+        if phase == "step":
+          torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+          optimizer.step()
+      _sync_torch()
+    return run
+
+  config = roofline.train_config("seps", vision, text, batch=args.batch)
+  config.model.seps.num_patches = (vision["image_size"] // vision["patch_size"]) ** 2
+  ours_model, tx, step, init = roofline.build_train_step(config)
+  state = jax.jit(init)()
+  jbatch = {k: jnp.asarray(v) for k, v in roofline._model_batch(batch).items()}  # pylint: disable=protected-access
+  rng = jax.random.key(1)
+  rngs = state_lib.train_rngs(rng)
+
+  def tower_sum(p):
+    reps = ours_model.apply({"params": p}, jbatch, train=True, rngs=rngs,
+                            method=ours_model.towers)
+    return sum(jnp.sum(x) for x in jax.tree.leaves(reps) if jnp.issubdtype(x.dtype,
+                                                                           jnp.floating))
+
+  loss = functools.partial(trainer.loss_fn, batch=jbatch, rng=rng, step=jnp.int32(10**6),
+                           model=ours_model, config=config, steps_per_epoch=1000)
+  fns = {"towers": jax.jit(tower_sum), "towers_bwd": jax.jit(jax.grad(tower_sum)),
+         "forward": jax.jit(lambda p: loss(p)[0]), "backward": jax.jit(jax.grad(
+             lambda p: loss(p)[0]))}
+  step_j = jax.jit(step)
+  holder = {"state": state}
+
+  def ours(phase):
+    def run():
+      if phase == "step":
+        holder["state"], _ = step_j(holder["state"], jbatch, rng)
+        jax.block_until_ready(holder["state"])
+      else:
+        jax.block_until_ready(fns[phase](holder["state"].params))
+    return run
+
+  phases = ("towers", "towers_bwd", "forward", "backward", "step")
+  runs = [f(ph) for ph in phases for f in (off, ours)]
+  times = interleaved_many(runs, args.reps)
+  med = [float(np.median(x)) for x in times]
+  print(f"[trainprof] {args.layers} layers, width {args.width}, {args.image_size} px, batch "
+        f"{args.batch}; cumulative phases, medians of {args.reps} interleaved runs")
+  print("| phase | official s | ours s | official / ours |\n|---|---|---|---|")
+  out = {}
+  for i, ph in enumerate(phases):
+    o, u = med[2 * i], med[2 * i + 1]
+    out[ph] = {"official_s": o, "ours_s": u}
+    print(f"| {ph} | {o:.3f} | {u:.3f} | {o / u:.2f}x |")
+  return out
+
+
 # ----------------------------------------------------------------------------------------------
 def torch_token_similarity(x, xm, y, ym, block):
   """The GRM formula the straightforward way: full cosine einsum, then masked max / mean.
@@ -414,7 +505,7 @@ def bench_grm(args):
 def main(args):
   sections = [s.strip() for s in args.only.split(",") if s.strip()]
   vse = cross = None
-  if any(s in sections for s in ("score", "train")):
+  if any(s in sections for s in ("score", "train", "trainprof")):
     try:
       vse, cross, path = _official.import_official(args.official_dir)
     except _official.OfficialCodeMissing as err:
@@ -435,6 +526,8 @@ def main(args):
     results["score"] = bench_score(args, vse, cross)
   if "train" in sections:
     results["train"] = bench_train(args, vse)
+  if "trainprof" in sections:
+    results["trainprof"] = bench_train_profile(args, vse)
   if "grm" in sections:
     results["grm"] = bench_grm(args)
   if args.json:
