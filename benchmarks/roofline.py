@@ -16,7 +16,10 @@ Measured:
 Caveat that shapes the method: XLA's cost analysis counts the body of a `while` loop ONCE, not
 times its trip count, and both scorers tile the pair grid with `lax.map` (a while loop). So the
 scoring cost is measured as (per-item preparation over all items, lowered once) + (one pair tile,
-lowered without tiling) x (number of tiles). The train steps have no loops (one tile in-batch).
+lowered without tiling) x (number of tiles). The GRM train step has no loops; the SEPS in-batch
+head loops over the images (`sdtps.pair_scores`), so its step count adds (B - 1) x one image's
+head forward + backward, lowered with one image (`train_step_cost`, `head_loop_flops`). Both use
+the all-patch SEPS head (`gather_kept="off"`), the accelerator path.
 
 Time floor on a chip = max(FLOPs / peak FLOP/s, bytes / HBM bandwidth), i.e. a perfect overlap of
 compute and memory at the chip's peak; the real time is above it. Peaks assumed (dense, no
