@@ -19,7 +19,7 @@ report test rSum, R@1 both ways, steps and seconds.
 
 Ceiling: some captions describe several test images (a caption that names shapes and positions
 but not colours fits both twins of a colour pair). From the generator's ground truth
-(`synthetic.split_ground_truth`), a Bayes-optimal model ranks, for each caption, the images it
+(`scenes.split_ground_truth`), a Bayes-optimal model ranks, for each caption, the images it
 fits first (t2i R@K = min(1, K / k) for a caption that fits k images) and, for each image, the
 captions that fit it first, those fitting fewer images ahead (a caption fitting k images is the
 image's own with probability 1 / k); ties in random order. Expected R@K of that ranking, summed,
@@ -93,8 +93,8 @@ def ceiling(seed: int, split: str, num_images: int) -> dict:
     which a trained pooled model beat: i2t R@1 80.6 against a "ceiling" of 75.2.)
   Both are expectations over the random tie order.
   """
-  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  gt = synthetic.split_ground_truth(seed, split, num_images)
+  from gseps_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  gt = scenes.split_ground_truth(seed, split, num_images)
   t2i_k = [len(s) for caps in gt for s in caps]
   # For each image, the k of every caption that fits it, and whether that caption is its own.
   fitting: list[list[tuple[int, bool]]] = [[] for _ in range(num_images)]

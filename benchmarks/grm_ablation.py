@@ -131,14 +131,14 @@ def redundancy(seed: int = 0, split: str = "test", num_images: int = 500, image_
   function words or punctuation; when `f30k_caps` is given).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from gseps_jax.data import scenes  # pylint: disable=g-import-not-at-top
   g = image_size // patch
   fracs = []
   words = attr = 0
   attr_words = _attribute_words()
   for pair in range((num_images + 1) // 2):
-    for scene, _, caps in synthetic.pair_scenes(seed, split, pair):
-      fracs.append(_object_patches(synthetic.render_scene(scene, image_size), patch).mean())
+    for scene, _, caps in scenes.pair_scenes(seed, split, pair):
+      fracs.append(_object_patches(scenes.render_scene(scene, image_size), patch).mean())
       for c in caps:
         toks = _WORD.findall(c.lower())
         words += len(toks)
@@ -160,8 +160,8 @@ def redundancy(seed: int = 0, split: str = "test", num_images: int = 500, image_
 def _object_patches(image, patch: int):
   """`[g, g]` bool: which patch of a generated image holds any object pixel."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  obj = np.any(np.abs(image.astype(np.int32) - np.array(synthetic.BACKGROUND)) > 8, axis=-1)
+  from gseps_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  obj = np.any(np.abs(image.astype(np.int32) - np.array(scenes.BACKGROUND)) > 8, axis=-1)
   g = image.shape[0] // patch
   return obj[:g * patch, :g * patch].reshape(g, patch, g, patch).any(axis=(1, 3))
 
@@ -176,7 +176,7 @@ def saliency(workdir: str, num_images: int = 200) -> dict:
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from gseps_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from gseps_jax.data import scenes  # pylint: disable=g-import-not-at-top
   from gseps_jax.explain import Explainer  # pylint: disable=g-import-not-at-top
   config, model, params, _ = state_lib.restore_params(workdir)
   ex = Explainer(config, model, params)
@@ -184,8 +184,8 @@ def saliency(workdir: str, num_images: int = 200) -> dict:
   attr_words = _attribute_words()
   kept = {"object": [], "background": [], "attribute": [], "other": []}
   for pair in range((num_images + 1) // 2):
-    for scene, _, caps in synthetic.pair_scenes(config.data.synthetic.seed, "test", pair):
-      image = synthetic.render_scene(scene, size)
+    for scene, _, caps in scenes.pair_scenes(config.data.synthetic.seed, "test", pair):
+      image = scenes.render_scene(scene, size)
       a = ex.arrays(image, caps[0])
       obj = _object_patches(image, patch)
       kept["object"].extend(a["kept_patches"][obj])
@@ -198,10 +198,10 @@ def saliency(workdir: str, num_images: int = 200) -> dict:
 
 
 def _attribute_words() -> set:
-  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  return (set(synthetic.COLOURS) | set(synthetic.SHAPES) | {s + "s" for s in synthetic.SHAPES}
-          | set(synthetic.SIZES) | set(synthetic.NUMBERS)
-          | {w for p in synthetic.POSITIONS.values() for w in p.split()})
+  from gseps_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  return (set(scenes.COLOURS) | set(scenes.SHAPES) | {s + "s" for s in scenes.SHAPES}
+          | set(scenes.SIZES) | set(scenes.NUMBERS)
+          | {w for p in scenes.POSITIONS.values() for w in p.split()})
 
 
 def fmt(x, spec=".1f"):

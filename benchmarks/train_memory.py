@@ -45,6 +45,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
 
 import roofline  # pylint: disable=g-import-not-at-top
+from gseps_jax import state as state_lib  # pylint: disable=g-import-not-at-top
 from gseps_jax import trainer  # pylint: disable=g-import-not-at-top
 
 # name -> (model.remat, train.encoder_chunk, model.dtype)
@@ -99,13 +100,12 @@ def step_memory(model_name: str, batch: int, remat: str, chunk: int, dtype: str,
   rng, step = jax.random.key(0), jnp.int32(0)
   if chunk > 1:
     rows = {k: v[:batch // chunk] for k, v in data.items()}
-    towers = lambda p, b: model.apply({"params": p}, b, train=True, method="towers",
-                                      rngs={"dropout": rng})
+    rngs = state_lib.train_rngs(rng)  # the training forward's streams
+    towers = lambda p, b: model.apply({"params": p}, b, train=True, method="towers", rngs=rngs)
     reps = jax.eval_shape(towers, state.params, data)
 
     def head_loss(p, r):
-      sims, aux = model.apply({"params": p}, r, data, train=True, method="head",
-                              rngs={"dropout": rng, "gumbel": rng, "noise": rng})
+      sims, aux = model.apply({"params": p}, r, data, train=True, method="head", rngs=rngs)
       return trainer._total_loss(sims, aux, data, step, p, c, 10)[0]  # pylint: disable=protected-access
 
     residuals = (_residual_bytes(head_loss, state.params, reps)

@@ -11,16 +11,21 @@ One behaviour for every entry point:
   * every path a user gives is resolved once, here (`resolve_config_paths`,
     `fileio.resolve_path`): relative paths become absolute, `gs://` URLs stay as they are.
 
-absl entry points call `run_absl(main)` instead of `app.run(main)`: absl parses flags before
-`main`, and ml_collections loads `--config` files lazily, so their errors are caught at parse
-time here. argparse entry points call `run(fn, args)`.
+Every entry point parses absl flags (ml_collections `--config` where it takes a config) and calls
+`run_absl(main)` instead of `app.run(main)`: absl parses flags before `main`, and ml_collections
+loads `--config` files lazily, so their errors are caught at parse time here. Subcommands
+(`retrieve index|query|explain`) are absl's first positional argument, checked by
+`subcommand_args`; `main(argv)` called in-process parses into a fresh flag set
+(`parse_in_process`). The one exception is launch/tpu.py (stdlib argparse: it runs on a
+workstation where only gcloud is installed).
 """
 
 import logging
 import os
 import re
 import sys
-from typing import Callable, Sequence
+import types
+from typing import Callable, NamedTuple, Sequence
 
 EXIT_USER_ERROR = 2
 # Our loggers: shown at WARNING by default (INFO with --verbosity>=0).
@@ -199,34 +204,102 @@ def _parse_error_message(e: BaseException, argv: Sequence[str],
   return None
 
 
-def parse_absl_flags(argv: Sequence[str], required: Sequence[str] = ()) -> list[str]:
-  """absl flag parsing that reports mistakes as one line (exit 2) instead of a traceback.
+def parse_flags(argv: Sequence[str], *, flag_values=None, required: Sequence[str] = ()
+                ) -> list[str]:
+  """Parses `argv` (argv[0] = the program) into `flag_values` (default: absl's global FLAGS)
+  -> the positional arguments, argv[0] first. A mistake raises `UserError` with one line.
 
   Also loads every `--config` file now (ml_collections loads them lazily, on first use inside
   `main`) and checks the `required` flags.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  fv = flags.FLAGS if flag_values is None else flag_values
   # ml_collections' config flags (DEFINE_config_file / _dict / _dataclass) carry the overrides.
-  config_names = [n for n, f in FLAGS._flags().items()  # pylint: disable=protected-access
+  config_names = [n for n, f in fv._flags().items()  # pylint: disable=protected-access
                   if hasattr(type(f), "override_values")]
   try:
-    rest = FLAGS(list(argv))
+    rest = fv(list(argv))
     for name in required:
-      if FLAGS[name].value is None:
+      if fv[name].value is None:
         raise UserError(f"--{name} is required (see --help).")
     for name in config_names:
-      value = FLAGS[name].value  # loads the file, applies the overrides
+      value = fv[name].value  # loads the file, applies the overrides
       # A file that failed to load is a placeholder raising its IOError on first attribute use.
       hasattr(value, "lock")
-  except UserError as e:
-    fail(message(e))
+  except UserError:
+    raise
   except Exception as e:  # pylint: disable=broad-except
     text = _parse_error_message(e, argv, config_names)
     if text is None:
       raise
-    fail(text)
+    raise UserError(text) from e
   return rest
+
+
+def parse_absl_flags(argv: Sequence[str], required: Sequence[str] = ()) -> list[str]:
+  """`parse_flags` into absl's global FLAGS, a mistake printed as one line (exit 2)."""
+  try:
+    return parse_flags(argv, required=required)
+  except UserError as e:
+    fail(message(e))
+
+
+def parse_in_process(define_flags: Callable, argv: Sequence[str], *, prog: str,
+                     required: Sequence[str] = ()):
+  """For a CLI's `main(argv)` called in-process (tests, notebooks; `argv` without the program
+  name): `define_flags(flag_values)` into a FRESH flag set, parsed -> (flag set, positional
+  arguments, `prog` first). absl's global FLAGS is shared by every CLI module imported into the
+  process and keeps the values of the previous parse; a fresh set keeps calls independent."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  define_flags(fv)
+  return fv, parse_flags([prog, *argv], flag_values=fv, required=required)
+
+
+class Subcommand(NamedTuple):
+  """A subcommand (`python -m MODULE NAME --flag=...`): one-line help, the function it runs
+  (`fn(args)`, args = a namespace of its flags' values) and the flags it takes."""
+  help: str
+  fn: Callable
+  required: tuple[str, ...] = ()
+  optional: tuple[str, ...] = ()
+
+
+def subcommand_help(commands: dict[str, Subcommand]) -> str:
+  """The `--help` text listing the subcommands and their flags (appended to a module doc)."""
+  width = max(map(len, commands))
+  lines = ["Subcommands (the first argument) and their flags:"]
+  for name, c in commands.items():
+    lines.append(f"  {name:<{width}}  {c.help}")
+    for kind, names in (("required", c.required), ("optional", c.optional)):
+      if names:
+        lines.append(f"  {'':<{width}}  {kind}: " + " ".join(f"--{n}" for n in names))
+  return "\n".join(lines) + "\n"
+
+
+def subcommand_args(argv: Sequence[str], commands: dict[str, Subcommand], flag_values,
+                    prog: str) -> tuple[str, types.SimpleNamespace]:
+  """The subcommand `argv[1]` (absl's positional arguments after parsing) and a namespace of
+  its flags' values. Every mistake is a `UserError` naming the fix: no or an unknown subcommand,
+  a stray argument, a required flag missing, a flag of another subcommand."""
+  names = ", ".join(commands)
+  if len(argv) < 2:
+    raise UserError(f"name a subcommand: {prog} {{{'|'.join(commands)}}} --flag=... "
+                    "(see --help).")
+  name, c = argv[1], commands.get(argv[1])
+  if c is None:
+    raise UserError(f"unknown subcommand {name!r}: expected one of {names} (see --help).")
+  if len(argv) > 2:
+    raise UserError(f"unexpected arguments {list(argv[2:])}: flags are written --name=value.")
+  own = c.required + c.optional
+  for other in dict.fromkeys(n for o in commands.values() for n in o.required + o.optional):
+    if other not in own and flag_values[other].present:
+      raise UserError(f"--{other} is not a flag of `{name}` (its flags: "
+                      + " ".join(f"--{n}" for n in own) + ").")
+  missing = [n for n in c.required if flag_values[n].value is None]
+  if missing:
+    raise UserError(f"`{name}` needs " + " ".join(f"--{n}" for n in missing) + " (see --help).")
+  return name, types.SimpleNamespace(**{n: flag_values[n].value for n in own})
 
 
 def run(fn: Callable, args, *, user_errors_extra: Sequence[type] = ()):

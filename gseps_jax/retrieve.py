@@ -17,13 +17,13 @@ its command line.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
 from gseps_jax import checkpoint as ckpt_lib
+from gseps_jax import cli
 from gseps_jax import fileio
 from gseps_jax import state as state_lib
 from gseps_jax.search import encoder
@@ -141,79 +141,74 @@ def cmd_explain(args) -> int:
   return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m gseps_jax.retrieve",
-                              description=__doc__.split("\n", 1)[0])
-  sub = p.add_subparsers(dest="command", required=True)
-  common = argparse.ArgumentParser(add_help=False)
-  common.add_argument("-v", "--verbosity", type=int, default=-1,
-                      help="-1 warnings (default), 0 INFO logs of orbax/JAX too, 1 debug.")
-  ix = sub.add_parser("index", help="Encode images once into an index directory.",
-                      parents=[common])
-  ix.add_argument("--checkpoint", required=True,
-                  help="Training workdir or WORKDIR/checkpoints/STEP.")
-  ix.add_argument("--images", required=True, help="A folder of image files, or dataset:SPLIT.")
-  ix.add_argument("--out", required=True, help="Index directory to write.")
-  ix.add_argument("--dense", default=None, help="JSONL of per-image dense captions (folders).")
-  ix.add_argument("--batch_size", type=int, default=None, help="Default: config eval.batch_size.")
-  ix.add_argument("--data_dir", default=None, help="Override config.data.data_dir.")
-  ix.add_argument("--overwrite", action="store_true", help="Replace an existing index.")
-  ix.set_defaults(fn=cmd_index)
-  q = sub.add_parser("query", help="Text -> images or image -> captions.", parents=[common])
-  q.add_argument("--index", required=True)
-  q.add_argument("--checkpoint", default=None, help="Default: the one recorded in the index.")
-  q.add_argument("--text", default=None)
-  q.add_argument("--image", default=None)
-  q.add_argument("--captions", default=None, help="Captions to rank for --image, one per line.")
-  q.add_argument("--dense_caption", default=None, help="SEPS: the query image's dense caption.")
-  q.add_argument("--k", type=int, default=5)
-  q.add_argument("--json", action="store_true", help="Machine-readable output.")
-  q.set_defaults(fn=cmd_query)
-  e = sub.add_parser("explain", help="Figure of what the model selects for (image, text).",
-                     parents=[common])
-  e.add_argument("--checkpoint", required=True)
-  e.add_argument("--image", default=None)
-  e.add_argument("--text", default=None)
-  e.add_argument("--dense_caption", default=None, help="SEPS: the image's dense caption.")
-  e.add_argument("--out", default=None, help="PNG to write.")
-  e.add_argument("--queries", default=None, help="File of 'image_path<TAB>text' lines.")
-  e.add_argument("--html", default=None, help="Self-contained HTML report to write.")
-  e.set_defaults(fn=cmd_explain)
-  return p
+def define_flags(fv) -> None:
+  """The flags of every subcommand, defined in `fv` (absl's FLAGS on the command line; a fresh
+  set for each in-process `main`). Which subcommand takes which: `COMMANDS`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  s = functools.partial(flags.DEFINE_string, default=None, flag_values=fv)
+  s("checkpoint", help="Training workdir or WORKDIR/checkpoints/STEP (query: default the one "
+    "recorded in the index).")
+  s("images", help="index: a folder of image files, or dataset:SPLIT.")
+  s("out", help="index: the index directory to write; explain: the PNG to write.")
+  s("dense", help="index: JSONL of per-image dense captions (folders).")
+  flags.DEFINE_integer("batch_size", None, "index: default config eval.batch_size.",
+                       lower_bound=1, flag_values=fv)
+  s("data_dir", help="index: override config.data.data_dir.")
+  flags.DEFINE_bool("overwrite", False, "index: replace an existing index.", flag_values=fv)
+  s("index", help="query: the index directory.")
+  s("text", help="query: the text to find images for; explain: the text.")
+  s("image", help="query: the image to rank captions for; explain: the image.")
+  s("captions", help="query: captions to rank for --image, one per line.")
+  s("dense_caption", help="SEPS: the (query) image's dense caption.")
+  flags.DEFINE_integer("k", 5, "query: how many hits.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool("json", False, "query: machine-readable output.", flag_values=fv)
+  s("queries", help="explain: file of 'image_path<TAB>text' lines (with --html).")
+  s("html", help="explain: self-contained HTML report to write.")
 
+
+COMMANDS = {
+    "index": cli.Subcommand("Encode images once into an index directory.", cmd_index,
+                            ("checkpoint", "images", "out"),
+                            ("dense", "batch_size", "data_dir", "overwrite")),
+    "query": cli.Subcommand("Text -> images or image -> captions.", cmd_query, ("index",),
+                            ("checkpoint", "text", "image", "captions", "dense_caption", "k",
+                             "json")),
+    "explain": cli.Subcommand("Figure of what the model selects for (image, text).",
+                              cmd_explain, ("checkpoint",),
+                              ("image", "text", "dense_caption", "out", "queries", "html")),
+}
+__doc__ += "\n" + cli.subcommand_help(COMMANDS)  # what --help prints
 
 # Arguments that name files or folders (resolved once, before any command runs).
 PATH_ARGS = ("checkpoint", "out", "dense", "data_dir", "index", "image", "captions", "html",
              "queries")
+PROG = "python -m gseps_jax.retrieve"
 
 
-def _dispatch(args) -> int:
-  if getattr(args, "k", 1) < 1:
-    raise ValueError(f"--k must be >= 1, got {args.k}.")
-  for name in PATH_ARGS:
-    if getattr(args, name, None):
-      setattr(args, name, fileio.resolve_path(getattr(args, name)))
+def run(argv: Sequence[str], fv, *, console: bool = False) -> int:
+  """Runs the subcommand `argv[1]` with the parsed flags `fv`; errors propagate."""
+  name, args = cli.subcommand_args(argv, COMMANDS, fv, PROG)
+  for arg in PATH_ARGS:
+    if getattr(args, arg, None):
+      setattr(args, arg, fileio.resolve_path(getattr(args, arg)))
   images = getattr(args, "images", None)
   if images and not images.startswith(sources.DATASET_PREFIX):
     args.images = fileio.resolve_path(images)
-  return args.fn(args)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """Parses `argv` and runs the command; errors propagate (the console entry is `_cli`)."""
-  return _dispatch(make_parser().parse_args(argv))
-
-
-def _cli() -> None:
-  from gseps_jax import cli  # pylint: disable=g-import-not-at-top
-  args = make_parser().parse_args()
-  cli.setup_logging(args.verbosity)
-  if args.command == "index":
+  if console and name == "index":
     cli.quiet_data_progress()
-  # Every error raised for a user's input is a ValueError (IndexMismatchError too).
-  sys.exit(cli.run(_dispatch, args,
-                   user_errors_extra=(index_lib.IndexMismatchError, ValueError)))
+  return COMMANDS[name].fn(args)
+
+
+def main(argv: Sequence[str]) -> int:
+  """The command line in-process: `main(["query", "--index=idx", "--text=a red circle"])`
+  (flags parsed into a fresh set, `cli.parse_in_process`); errors propagate."""
+  fv, rest = cli.parse_in_process(define_flags, argv, prog=PROG)
+  return run(rest, fv)
 
 
 if __name__ == "__main__":
-  _cli()
+  from absl import flags as _flags  # pylint: disable=g-import-not-at-top
+  define_flags(_flags.FLAGS)
+  # Every error raised for a user's input is a ValueError (IndexMismatchError too).
+  cli.run_absl(lambda argv: run(argv, _flags.FLAGS, console=True),
+               user_errors_extra=(index_lib.IndexMismatchError, ValueError))

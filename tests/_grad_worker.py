@@ -130,9 +130,8 @@ def main():
       tower.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   model = models.build_model(config.model)
   batch = fixed_batch(config)
-  key = jax.random.key(0)
-  abstract = jax.eval_shape(lambda: model.init({"params": key, "dropout": key, "gumbel": key,
-                                                "noise": key}, batch, train=False)["params"])
+  key = jax.random.key(0)  # the init key of every run compared
+  abstract = state_lib.abstract_params(model, batch)
   steps_per_epoch = 4
   tx, _, _ = optim.make_optimizer(config.optim, steps_per_epoch, abstract)
   pid, n = jax.process_index(), jax.process_count()

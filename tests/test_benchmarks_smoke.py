@@ -83,7 +83,7 @@ def test_demo_table_ceiling_from_generator_ground_truth():
   split every caption fits its own image, captions naming fewer attributes fit more images, and
   the bound is below a perfect 600."""
   import demo_table  # pylint: disable=g-import-not-at-top
-  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from gseps_jax.data import scenes  # pylint: disable=g-import-not-at-top
   tie = demo_table.expected_recall_ties
   assert tie(1, 1, 1) == 1.0 and tie(2, 1, 1) == 0.5 and tie(4, 1, 5) == 1.0
   assert tie(10, 5, 1) == 0.5 and tie(7, 5, 1) == pytest.approx(5 / 7)
@@ -95,16 +95,16 @@ def test_demo_table_ceiling_from_generator_ground_truth():
   assert grp([(2, 0), (4, 1)], 1) == 0.0 and grp([(2, 0), (4, 1)], 3) == pytest.approx(0.25)
   assert grp([(2, 0), (4, 1)], 6) == 1.0 and grp([(3, 0)], 5) == 0.0
   assert grp([(7, 5)], 2) == pytest.approx(tie(7, 5, 2))
-  gt = synthetic.split_ground_truth(0, "test", 40)
+  gt = scenes.split_ground_truth(0, "test", 40)
   assert len(gt) == 40 and all(len(caps) == 5 for caps in gt)
   assert all(i in s for i, caps in enumerate(gt) for s in caps)
   # A caption naming only shapes and positions fits a twin that differs in colour or size.
   twins = 0
   for pair in range(20):
-    (a, diff_a, _), (b, diff_b, _) = synthetic.pair_scenes(0, "test", pair)
+    (a, diff_a, _), (b, diff_b, _) = scenes.pair_scenes(0, "test", pair)
     if diff_b in ("colour", "size"):
-      assert synthetic.template_signature(a, 5) == synthetic.template_signature(b, 5)
-      assert synthetic.template_signature(a, 0) != synthetic.template_signature(b, 0)
+      assert scenes.template_signature(a, 5) == scenes.template_signature(b, 5)
+      assert scenes.template_signature(a, 0) != scenes.template_signature(b, 0)
       twins += 1
   assert twins > 0
   c = demo_table.ceiling(0, "test", 40)
@@ -140,14 +140,14 @@ def test_grm_ablation_redundancy_figures():
   """benchmarks/grm_ablation.py --redundancy: an object's centre patch is an object patch, an
   empty scene has none, and on a few generated images every figure is a proper fraction."""
   import grm_ablation  # pylint: disable=g-import-not-at-top
-  from gseps_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from gseps_jax.data import scenes  # pylint: disable=g-import-not-at-top
   scene = {"objects": [{"shape": "square", "colour": "red", "size": "large", "cell": [0, 0],
                         "jitter": [0.0, 0.0]}]}
-  obj = grm_ablation._object_patches(synthetic.render_scene(scene, 32), 8)
-  x, y = synthetic.object_centre(scene["objects"][0], 32)
+  obj = grm_ablation._object_patches(scenes.render_scene(scene, 32), 8)
+  x, y = scenes.object_centre(scene["objects"][0], 32)
   assert obj.shape == (4, 4) and obj[int(y) // 8, int(x) // 8]
   assert not obj[3, 3]  # the bottom-right corner is background
-  assert not grm_ablation._object_patches(synthetic.render_scene({"objects": []}, 32), 8).any()
+  assert not grm_ablation._object_patches(scenes.render_scene({"objects": []}, 32), 8).any()
   caps = os.path.join(os.path.dirname(__file__), "data", "f30k", "test_caps.txt")
   r = grm_ablation.redundancy(num_images=6, f30k_caps=caps)
   assert r["patches"] == 16 and 1.0 <= r["object_patches_mean"] < 16

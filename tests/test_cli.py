@@ -186,6 +186,42 @@ def test_user_mistakes_are_one_line_without_traceback(tmp_path):
   assert_user_error(r, "train_caps.txt line 3", "UTF-8")
 
 
+def test_subcommand_cli_mistakes_and_help(tmp_path):
+  """`retrieve` and `prepare` parse absl flags like the other CLIs: a subcommand's mistakes are
+  one line (exit 2) naming the fix; --help lists the subcommands and the flags of each."""
+  assert_user_error(run_cli("gseps_jax.retrieve", cwd=tmp_path), "index|query|explain")
+  assert_user_error(run_cli("gseps_jax.retrieve", "serach", cwd=tmp_path), "unknown subcommand")
+  assert_user_error(run_cli("gseps_jax.retrieve", "query", "--images=x", "--index=i",
+                            cwd=tmp_path), "--images is not a flag of `query`")
+  assert_user_error(run_cli("gseps_jax.retrieve", "index", "--checkpoint=c", cwd=tmp_path),
+                    "`index` needs --images --out")
+  assert_user_error(run_cli("gseps_jax.data.prepare", "--data_dir=d", cwd=tmp_path),
+                    "--dataset is required")
+  r = run_cli("gseps_jax.retrieve", "--help", cwd=tmp_path)
+  assert "Traceback" not in r.stderr and "Subcommands" in r.stdout, r.stderr[-2000:]
+  for line in ("required: --checkpoint --images --out", "required: --index", "--[no]json"):
+    assert line in r.stdout, r.stdout
+
+
+def test_in_process_mains_parse_into_a_fresh_flag_set():
+  """Tests call `retrieve.main` / `prepare.main` repeatedly in one process: each call parses
+  into its own flag set (a flag given once does not stick) and nothing lands in absl's FLAGS."""
+  from absl import flags
+  from gseps_jax import cli, retrieve
+  from gseps_jax.data import prepare
+  fv, rest = cli.parse_in_process(retrieve.define_flags, ["query", "--index=a", "--json",
+                                                          "--k=3"], prog="p")
+  assert rest == ["p", "query"] and fv.json and fv.k == 3
+  fv, _ = cli.parse_in_process(retrieve.define_flags, ["query", "--index=a"], prog="p")
+  assert not fv.json and fv.k == 5
+  with pytest.raises(cli.UserError, match="--images is not a flag of `query`"):
+    retrieve.main(["query", "--index=a", "--images=b"])
+  with pytest.raises(cli.UserError, match="`query` needs --index"):
+    retrieve.main(["query", "--json"])
+  assert prepare.main(["--dataset=nope", "--data_dir=d"]) == 2
+  assert "index" not in flags.FLAGS and "dataset" not in flags.FLAGS
+
+
 def test_run_reports_user_errors_in_one_line_and_keeps_tracebacks_for_bugs(capsys):
   from gseps_jax import checkpoint, cli
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from gseps_jax.data import prepare, synthetic, tokenizer
+from gseps_jax.data import prepare, scenes, tokenizer
 
 SIZES = dict(num_train=24, num_dev=4, num_test=7, image_size=32, seed=3)
 
@@ -38,36 +38,36 @@ def test_sizes_and_regeneration(built):
     assert len(src) == n
     for k in range(n):
       ex = src[k]
-      again = synthetic.generate_example(SIZES["seed"], split, k, 32, num_images=n)
+      again = scenes.generate_example(SIZES["seed"], split, k, 32, num_images=n)
       assert ex["image"] == again["image"]  # byte-identical: deterministic from the seed
       assert [_s(c) for c in ex["captions"]] == again["captions"]
       assert _s(ex["scene"]) == again["scene"]
       assert ex["hard_negative"] == again["hard_negative"]
   assert _src(builder, "test")[6]["hard_negative"] == -1  # odd split: last image unpaired
   # A different seed gives different data.
-  assert synthetic.generate_example(4, "train", 0, 32)["scene"] != _s(_src(builder, "train")[0]
+  assert scenes.generate_example(4, "train", 0, 32)["scene"] != _s(_src(builder, "train")[0]
                                                                        ["scene"])
 
 
 def _nearest_colour(rgb):
-  names = list(synthetic.COLOURS)
-  d = [np.sum((np.array(synthetic.COLOURS[c]) - rgb) ** 2) for c in names]
+  names = list(scenes.COLOURS)
+  d = [np.sum((np.array(scenes.COLOURS[c]) - rgb) ** 2) for c in names]
   return names[int(np.argmin(d))]
 
 
 def test_captions_match_pixels(built):
   _, builder = built
   src = _src(builder, "train")
-  colour_words, shape_words = set(synthetic.COLOURS), set(synthetic.SHAPES)
+  colour_words, shape_words = set(scenes.COLOURS), set(scenes.SHAPES)
   for k in range(len(src)):
     ex = src[k]
     scene = json.loads(_s(ex["scene"]))
     image = np.asarray(Image.open(io.BytesIO(ex["image"])).convert("RGB")).astype(int)
     for o in scene["objects"]:
-      x, y = synthetic.object_centre(o, 32)
+      x, y = scenes.object_centre(o, 32)
       assert _nearest_colour(image[int(y), int(x)]) == o["colour"]
     # Nothing drawn outside the objects: corners (never inside a cell's shape) are background.
-    assert np.abs(image[0, 0] - synthetic.BACKGROUND).max() < 20
+    assert np.abs(image[0, 0] - scenes.BACKGROUND).max() < 20
     colours = {o["colour"] for o in scene["objects"]}
     shapes = {o["shape"] for o in scene["objects"]}
     captions = [_s(c) for c in ex["captions"]]
@@ -79,8 +79,8 @@ def test_captions_match_pixels(built):
     dense = _s(ex["dense_caption"])
     for o in scene["objects"]:
       assert (f"{o['size']} {o['colour']} {o['shape']} "
-              f"{synthetic.position_phrase(o['cell'])}") in dense
-    assert f"{synthetic.NUMBERS[len(scene['objects'])]} object" in dense
+              f"{scenes.position_phrase(o['cell'])}") in dense
+    assert f"{scenes.NUMBERS[len(scene['objects'])]} object" in dense
 
 
 def test_hard_negatives_differ_in_one_attribute(built):
@@ -114,9 +114,9 @@ def test_hard_negatives_differ_in_one_attribute(built):
 
 def test_vocabulary_is_whole_words():
   tok = tokenizer.load_tokenizer(tokenizer.installed_minilm_dir())
-  words = (list(synthetic.COLOURS) + list(synthetic.SHAPES) + [s + "s" for s in synthetic.SHAPES]
-           + list(synthetic.SIZES) + [w for p in synthetic.POSITIONS.values() for w in p.split()]
-           + list(synthetic.NUMBERS) + list(synthetic.ORDINALS))
+  words = (list(scenes.COLOURS) + list(scenes.SHAPES) + [s + "s" for s in scenes.SHAPES]
+           + list(scenes.SIZES) + [w for p in scenes.POSITIONS.values() for w in p.split()]
+           + list(scenes.NUMBERS) + list(scenes.ORDINALS))
   for w in words:
     pieces = tok.word_pieces(w)
     assert len(pieces) == 1 and len(pieces[0]) == 1 and pieces[0][0] != tok.unk_id, w
@@ -163,7 +163,7 @@ def test_demo_max_len_fits_generated_captions():
   from configs import grm_vit, seps_vit
   tok = tokenizer.load_tokenizer(tokenizer.installed_minilm_dir())
   lengths = np.array([_pieces(tok, c) for p in range(1000)
-                      for _, _, caps in synthetic.pair_scenes(0, "train", p) for c in caps])
+                      for _, _, caps in scenes.pair_scenes(0, "train", p) for c in caps])
   assert lengths.max() > 16  # the old max_len=16 cut most captions (this test would fail)
   for mod in (grm_vit, seps_vit):
     max_len = mod.get_config("demo").data.max_len

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import multiproc
-from gseps_jax import checkpoint, distributed, metrics
+from gseps_jax import digest, distributed, metrics
 
 SLURM = dict(SLURM_JOB_ID="42", SLURM_STEP_NODELIST="gpu[01-02]", SLURM_NTASKS="16",
              SLURM_PROCID="3", SLURM_LOCALID="3")
@@ -76,7 +76,7 @@ _WORKER = textwrap.dedent("""
     again = distributed.maybe_initialize()
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from gseps_jax import checkpoint, metrics
+    from gseps_jax import digest as digest_lib, metrics
 
     pid, n = jax.process_index(), jax.process_count()
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -92,7 +92,7 @@ _WORKER = textwrap.dedent("""
     m = metrics.retrieval_metrics(s, 5)
     # Checkpoint digest of arrays spread over both processes (rows) and replicated on both.
     rep = jax.device_put(np.arange(6, dtype=np.int32), NamedSharding(mesh, P()))
-    digest, bad = checkpoint.state_digest({"x": x, "s": s, "rep": rep})
+    digest, bad = digest_lib.state_digest({"x": x, "s": s, "rep": rep})
     print("RESULT" + json.dumps(dict(mode=plan.mode, again=again.mode, pid=pid, n=n,
                                      local_devices=jax.local_device_count(),
                                      global_devices=jax.device_count(),
@@ -127,7 +127,7 @@ def test_two_processes_initialise_and_compute_together(tmp_path):
     # Each process digests its own shards; the sums, added over processes, equal the digest of
     # the whole arrays in one process.
     whole = np.concatenate([np.arange(4, dtype=np.float32) + 100 * p for p in range(2)])
-    assert r["digest"] == checkpoint.state_digest(
+    assert r["digest"] == digest.state_digest(
         {"x": whole, "s": sims, "rep": np.arange(6, dtype=np.int32)})[0]
     assert r["bad"] == []
     # conftest sets a persistent cache dir; multi-process CPU must not use it (it can hang).

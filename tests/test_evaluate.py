@@ -24,8 +24,7 @@ def _setup(model_name, **over):
   tiny.ensure_data(config)
   model = models.build_model(config.model)
   key = jax.random.key(3)
-  params = model.init({"params": key, "dropout": key, "gumbel": key, "noise": key},
-                      state_lib.sample_batch(config), train=False)["params"]
+  params = state_lib.init_params(model, state_lib.sample_batch(config), key, split=False)
   # Move away from the initialisation so selections and adapters are not degenerate.
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(4), len(leaves))

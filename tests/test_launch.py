@@ -45,6 +45,26 @@ def pinned_jax():
   return line.split("==")[1]
 
 
+def test_launcher_imports_only_the_standard_library():
+  """launch/tpu.py runs on a workstation where only gcloud is installed: it keeps stdlib argparse
+  (the one CLI outside gseps_jax.cli's absl flags) and imports nothing else, at any level."""
+  import ast
+  tree = ast.parse((REPO / "launch" / "tpu.py").read_text())
+  mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+          for a in n.names}
+  mods |= {n.module.split(".")[0] for n in ast.walk(tree)
+           if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module}
+  assert mods and mods <= set(sys.stdlib_module_names), mods - set(sys.stdlib_module_names)
+  # Without site-packages (-S) and without the repository's other packages on the path.
+  code = ("import sys; sys.path.insert(0, sys.argv[1]); import launch.tpu; "
+          "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)"
+          " - {'launch', '__main__'}))")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  r = subprocess.run([sys.executable, "-S", "-c", code, str(REPO)], env=env, cwd=REPO.parent,
+                     capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+
+
 # ----------------------------------------------------------------------------- dry runs
 
 

@@ -21,6 +21,7 @@ import pytest
 import tiny
 from conftest import REPO
 from gseps_jax import checkpoint as ckpt_lib
+from gseps_jax import digest
 from gseps_jax import fileio
 from gseps_jax import metrics_log
 from gseps_jax import state as state_lib
@@ -230,18 +231,18 @@ def test_digest_sees_any_changed_or_swapped_element(dtype):
   rng = np.random.default_rng(1)
   x = rng.normal(size=(7, 9))
   x = x > 0 if dtype == "bool" else np.asarray(jnp.asarray(x * 50).astype(dtype))
-  ref = ckpt_lib.state_digest({"x": jnp.asarray(x)})[0]
-  assert ckpt_lib.state_digest({"x": jnp.asarray(x.copy())})[0] == ref
+  ref = digest.state_digest({"x": jnp.asarray(x)})[0]
+  assert digest.state_digest({"x": jnp.asarray(x.copy())})[0] == ref
   flat = x.reshape(-1)
   for i in rng.choice(flat.size, 6, replace=False):
     y = flat.copy()
     y[i] = (np.logical_not(y[i]) if dtype == "bool" else
             np.asarray(jnp.asarray(y[i]).astype(jnp.float32) + 1).astype(y.dtype))
-    assert ckpt_lib.state_digest({"x": jnp.asarray(y.reshape(x.shape))})[0] != ref
+    assert digest.state_digest({"x": jnp.asarray(y.reshape(x.shape))})[0] != ref
   i, j = [k for k in range(flat.size) if flat[k] != flat[0]][0], 0
   y = flat.copy()
   y[i], y[j] = flat[j], flat[i]
-  assert ckpt_lib.state_digest({"x": jnp.asarray(y.reshape(x.shape))})[0] != ref
+  assert digest.state_digest({"x": jnp.asarray(y.reshape(x.shape))})[0] != ref
 
 
 def _reference_leaf_digest(x):
@@ -268,7 +269,7 @@ def _reference_leaf_digest(x):
 def test_digest_matches_the_whole_array_formula(dtype):
   x = np.random.default_rng(2).normal(size=(5, 3, 11)) * 40
   x = jnp.asarray(x > 0 if dtype == "bool" else x).astype(dtype)
-  got, bad = ckpt_lib.state_digest({"a": {"x": x}, "s": jnp.asarray(3, dtype)})
+  got, bad = digest.state_digest({"a": {"x": x}, "s": jnp.asarray(3, dtype)})
   assert got == {"['a']['x']": _reference_leaf_digest(x),
                  "['s']": _reference_leaf_digest(jnp.asarray(3, dtype))}
   assert bad == []
@@ -279,11 +280,12 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from gseps_jax import checkpoint as c
+from gseps_jax import digest
 x = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
-one = c.state_digest({"x": jnp.asarray(x)})[0]
+one = digest.state_digest({"x": jnp.asarray(x)})[0]
 four = jax.make_mesh((4,), ("d",))
 rows = jax.device_put(x, NamedSharding(four, P("d", None)))
-assert c.state_digest({"x": rows})[0] == one
+assert digest.state_digest({"x": rows})[0] == one
 ck = c.Checkpointer(sys.argv[1], best_metric=None, async_save=False)
 ck.save(1, {"x": rows}, {})
 grid = NamedSharding(jax.make_mesh((2, 2), ("a", "b")), P("b", "a"))

@@ -246,10 +246,7 @@ def test_format_hits_table():
 def _zero_checkpoint(config, workdir):
   """A real, restorable checkpoint of `config`'s model with all-zero weights (no compile)."""
   model = models.build_model(config.model)
-  key = jax.random.key(0)
-  abstract = jax.eval_shape(lambda: model.init(
-      {"params": key, "dropout": key, "gumbel": key, "noise": key},
-      state_lib.sample_batch(config), train=False)["params"])
+  abstract = state_lib.abstract_params(model, state_lib.sample_batch(config))
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   tx, _, _ = optim.make_optimizer(config.optim, 1, abstract)
   state = state_lib.TrainState(step=np.zeros((), np.int32), params=params,
@@ -356,10 +353,7 @@ def seps_explainer():
   config = seps_vit.get_config("tiny")
   config.data.tokenizer_dir = str(tokenizer.resolve_tokenizer_dir(config.data))
   model = models.build_model(config.model)
-  key = jax.random.key(0)
-  abstract = jax.eval_shape(lambda: model.init(
-      {"params": key, "dropout": key, "gumbel": key, "noise": key},
-      state_lib.sample_batch(config), train=False)["params"])
+  abstract = state_lib.abstract_params(model, state_lib.sample_batch(config))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: (0.2 * rng.standard_normal(a.shape)).astype(a.dtype), abstract)
   return explain_lib.Explainer(config, model, params)

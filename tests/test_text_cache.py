@@ -149,8 +149,7 @@ def test_training_loss_same_with_cache(tmp_path, minilm):
   assert batch["text_hidden"].shape == (8, 12, 384) and batch["text_hidden"].dtype == np.float16
   model = models.build_model(config.model)
   key = jax.random.key(0)
-  params = model.init({"params": key, "dropout": key, "gumbel": key, "noise": key},
-                      state_lib.sample_batch(config), train=False)["params"]
+  params = state_lib.init_params(model, state_lib.sample_batch(config), key, split=False)
   params = dict(params, text_encoder=minilm[1])
   jitted = jax.jit(lambda b: trainer.loss_fn(params, b, key, 0, model=model, config=config,
                                              steps_per_epoch=4)[0])

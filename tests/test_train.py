@@ -209,8 +209,7 @@ def _cached_vs_full(model_name, chunks, dropout):
   model = models.build_model(config.model)
   batch = _grad_worker.fixed_batch(config)
   key = jax.random.key(0)
-  params = model.init({"params": key, "dropout": key, "gumbel": key, "noise": key}, batch,
-                      train=False)["params"]
+  params = state_lib.init_params(model, batch, key, split=False)
   rng, step = jax.random.key(3), jnp.int32(5)
   out = {}
   for k in (0, *chunks):

@@ -1,4 +1,4 @@
-"""Builds the tfds datasets (array_record, no TensorFlow); `ensure_prepared` for the trainer.
+r"""Builds the tfds datasets (array_record, no TensorFlow); `ensure_prepared` for the trainer.
 
   python -m gseps_jax.data.prepare --dataset=synthetic_regions --data_dir=data_cache/tfds \
       [--num_train=5000 --num_dev=200 --num_test=500 --image_size=64 --seed=0]
@@ -10,10 +10,8 @@ A second run finds the prepared dataset and says so without rebuilding.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
-import sys
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -122,44 +120,67 @@ def ensure_prepared(data_config) -> tfds.core.DatasetBuilder:
       f"{prepare_command(data_config)}\nand start again with the same config.data.data_dir.")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dataset", required=True, choices=sorted(BUILDERS))
-  p.add_argument("--data_dir", required=True, help="tfds data dir (local path or gs://)")
-  p.add_argument("--manual_dir", default="", help="SEPS caption folder (real datasets)")
-  p.add_argument("--image_dir", default="", help="image folder (real datasets)")
-  p.add_argument("--num_train", type=int, default=5000)
-  p.add_argument("--num_dev", type=int, default=200)
-  p.add_argument("--num_test", type=int, default=500)
-  p.add_argument("--image_size", type=int, default=64, help="synthetic image side in pixels")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("-v", "--verbosity", type=int, default=-1,
-                 help="-1 warnings (default), 0 INFO logs of tfds too, 1 debug.")
-  return p.parse_args(argv)
+PROG = "python -m gseps_jax.data.prepare"
 
 
-def main(argv=None, *, console: bool = False) -> int:
-  """Builds the dataset the flags describe -> exit status (2: a user's mistake, printed as one
-  `error:` line). Paths may be relative, absolute or `gs://`. `console` (the command line, not
-  tests) sets up quiet logging first."""
+def define_flags(fv) -> None:
+  """The command line's flags, defined in `fv` (absl's FLAGS on the command line; a fresh set
+  for each in-process `main`)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_enum("dataset", None, sorted(BUILDERS), "The dataset to build.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "tfds data dir (local path or gs://).", flag_values=fv)
+  flags.DEFINE_string("manual_dir", "", "SEPS caption folder (real datasets).", flag_values=fv)
+  flags.DEFINE_string("image_dir", "", "Image folder (real datasets).", flag_values=fv)
+  for name, default, what in (("num_train", 5000, "training"), ("num_dev", 200, "dev"),
+                              ("num_test", 500, "test")):
+    flags.DEFINE_integer(name, default, f"synthetic_regions: number of {what} images.",
+                         flag_values=fv)
+  flags.DEFINE_integer("image_size", 64, "synthetic_regions: image side in pixels.",
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "synthetic_regions: generation seed.", flag_values=fv)
+
+
+REQUIRED = ("dataset", "data_dir")
+
+
+def run(argv, fv, *, console: bool = False) -> None:
+  """Builds the dataset the parsed flags `fv` describe. Paths may be relative, absolute or
+  `gs://`."""
   from gseps_jax import cli  # pylint: disable=g-import-not-at-top
   from gseps_jax import fileio  # pylint: disable=g-import-not-at-top
-  a = parse_args(argv)
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments {list(argv[1:])}: flags are written --name=value.")
   if console:
-    cli.setup_logging(a.verbosity)
     cli.quiet_data_progress()
-  data_config = {
-      "name": a.dataset, "data_dir": fileio.resolve_path(a.data_dir),
-      "manual_dir": fileio.resolve_path(a.manual_dir),
-      "image_dir": fileio.resolve_path(a.image_dir),
-      "synthetic": {"num_train": a.num_train, "num_dev": a.num_dev, "num_test": a.num_test,
-                    "image_size": a.image_size, "seed": a.seed},
-  }
-  # This module's ValueErrors are all about the arguments (unknown dataset, sizes).
-  return cli.run(lambda c: prepare(c) and 0, data_config,
-                 user_errors_extra=(karpathy.DataFormatError, ValueError))
+  prepare({
+      "name": fv.dataset, "data_dir": fileio.resolve_path(fv.data_dir),
+      "manual_dir": fileio.resolve_path(fv.manual_dir),
+      "image_dir": fileio.resolve_path(fv.image_dir),
+      "synthetic": {"num_train": fv.num_train, "num_dev": fv.num_dev, "num_test": fv.num_test,
+                    "image_size": fv.image_size, "seed": fv.seed},
+  })
+
+
+# This module's ValueErrors are all about the arguments (unknown dataset, sizes).
+USER_ERRORS = (karpathy.DataFormatError, ValueError)
+
+
+def main(argv) -> int:
+  """The command line in-process (flags parsed into a fresh set, `cli.parse_in_process`) ->
+  exit status (2: a user's mistake, printed as one `error:` line)."""
+  from gseps_jax import cli  # pylint: disable=g-import-not-at-top
+
+  def parse_and_run(argv):
+    fv, rest = cli.parse_in_process(define_flags, argv, prog=PROG, required=REQUIRED)
+    run(rest, fv)
+    return 0
+
+  return cli.run(parse_and_run, argv, user_errors_extra=USER_ERRORS)
 
 
 if __name__ == "__main__":
-  sys.exit(main(console=True))
+  from absl import flags as _flags  # pylint: disable=g-import-not-at-top
+  from gseps_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+  define_flags(_flags.FLAGS)
+  _cli.run_absl(lambda argv: run(argv, _flags.FLAGS, console=True), required=REQUIRED,
+                user_errors_extra=USER_ERRORS)

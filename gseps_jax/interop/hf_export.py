@@ -104,7 +104,8 @@ _README = """# {variant} export of a gseps_jax checkpoint (step {step})
 
 Files
 - `vision_encoder/`: HF `{vision_class}` (config.json + model.safetensors).
-- `text_encoder/`: HF `BertModel` + its tokenizer (vocab.txt, tokenizer.json, tokenizer_config.json).
+- `text_encoder/`: HF `BertModel` + its tokenizer (vocab.txt, tokenizer.json,
+  tokenizer_config.json).
 - `heads.safetensors`: projections and {model_type} heads (PyTorch layouts).
 - `gseps_torch.py`: the eval-mode scorer in PyTorch (needs torch, transformers, safetensors).
 - `metadata.json`: model type, head settings, image size {image_size}, mean {mean}, std {std},

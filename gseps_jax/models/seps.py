@@ -7,6 +7,7 @@ the model interface of docs/design.md. The official checkpoint layout is convert
 `interop/official_seps.py`.
 """
 
+import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -53,21 +54,24 @@ class AggregationNet(nn.Module):
     return h * scale
 
 
-class SEPSHead(nn.Module):
-  """SDTPS + HRPA pair scorer over projected token sets (the official `cross_net`).
+class HeadSettings(nn.Module):
+  """The SEPS head's settings, declared once: `SEPSHead` scores with them, `SEPS` carries them
+  and builds its head from them (`head_settings`).
 
   Attributes:
     num_aggregated: N_c aggregated tokens per selection.
     rho: keep ratio (K = ceil(N * rho)).
+    dim_ratio: hidden width of the aggregation net, as a fraction of the token width.
     use_sparse, use_dense: which branches are summed (LAPS = sparse only).
-    dense_mode: "parity" | "honest" (module docstring).
+    dense_mode: "parity" | "honest" (module docstring); SEPS: the training pairing and the
+      default for `score`.
     selection: "official" | "straight_through" (module docstring).
     st_temperature: soft-mask temperature of the straight-through backward pass.
     precision: matmul precision name ("highest" matches PyTorch fp32).
     gather_kept: "auto" | "on" | "off", contract over the kept patches only (`sdtps`).
   """
   num_aggregated: int
-  rho: float
+  rho: float = 0.5
   dim_ratio: float = 0.2
   use_sparse: bool = True
   use_dense: bool = True
@@ -76,6 +80,16 @@ class SEPSHead(nn.Module):
   st_temperature: float = 0.05
   precision: str = "highest"
   gather_kept: str = "auto"
+
+  def head_settings(self) -> dict:
+    """{field: value} of the `HeadSettings` fields (the keyword arguments of `SEPSHead`)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(HeadSettings)
+            if f.name not in ("parent", "name")}
+
+
+class SEPSHead(HeadSettings):
+  """SDTPS + HRPA pair scorer over projected token sets (the official `cross_net`), with the
+  settings of `HeadSettings`."""
 
   def setup(self):
     if self.selection not in sdtps.SELECTIONS:
@@ -149,7 +163,7 @@ class SEPSHead(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The full model.
 # ----------------------------------------------------------------------------------------------
-class SEPS(nn.Module):
+class SEPS(HeadSettings, kw_only=True):
   """Encoders + projections + SEPS head, with the model interface of docs/design.md.
 
   Submodule names mirror the official checkpoint: `vision_encoder` (img_enc.visual_encoder),
@@ -161,9 +175,8 @@ class SEPS(nn.Module):
   Attributes:
     vision, text: HF config dicts of the encoders.
     embed_dim: joint width D (512).
-    num_aggregated: N_c.
-    rho, dim_ratio, use_sparse, use_dense, dense_mode, selection, st_temperature, precision: head
-      settings (`SEPSHead`); `dense_mode` is the training pairing and the default for `score`.
+    num_aggregated, rho, dim_ratio, use_sparse, use_dense, dense_mode, selection,
+      st_temperature, precision, gather_kept: the head settings (`HeadSettings`, inherited).
     eval_text_cut: parity-mode evaluation keeps only the first this-many text token FEATURES of
       the full-length encoding (official encode_data stores 90 positions); <= 0 disables.
     ratio_weight: weight of the reported (constant) official ratio term.
@@ -174,17 +187,7 @@ class SEPS(nn.Module):
   """
   vision: Mapping[str, Any]
   text: Mapping[str, Any]
-  num_aggregated: int
   embed_dim: int = 512
-  rho: float = 0.5
-  dim_ratio: float = 0.2
-  use_sparse: bool = True
-  use_dense: bool = True
-  dense_mode: str = "honest"
-  selection: str = "official"
-  st_temperature: float = 0.05
-  precision: str = "highest"
-  gather_kept: str = "auto"
   eval_text_cut: int = 90
   ratio_weight: float = 2.0
   freeze_text: bool = False
@@ -216,11 +219,7 @@ class SEPS(nn.Module):
         self.embed_dim, precision=lax.Precision.HIGHEST, name=name))
     self.vision_proj = proj(encoders.encoder_width(self.vision), "vision_proj")
     self.fc = proj(encoders.encoder_width(self.text), "fc")
-    self.cross_net = SEPSHead(
-        num_aggregated=self.num_aggregated, rho=self.rho, dim_ratio=self.dim_ratio,
-        use_sparse=self.use_sparse, use_dense=self.use_dense, dense_mode=self.dense_mode,
-        selection=self.selection, st_temperature=self.st_temperature, precision=self.precision,
-        gather_kept=self.gather_kept)
+    self.cross_net = SEPSHead(**self.head_settings())
 
   # -- what callers need to know without asking which model this is (docs/design.md) ---------
   official_layout = True  # interop/official_seps.py converts the authors' checkpoints
