@@ -224,3 +224,15 @@ def test_dense_captions_only_for_models_that_read_them(data, tok):
                                                      dense_max_len=40)))
   for k in b:  # skipping the dense tokenisation leaves the random stream as it was
     np.testing.assert_array_equal(b[k], full[k])
+
+
+def test_demo_setting_is_the_identity(data, tok):
+  """The demo's setting (crop_scale (1, 1), hflip 0, canvas = image size = generated size): the
+  device images equal the host path's to float rounding, so its numbers do not change."""
+  kw = dict(image_size=32, max_len=12, dense_max_len=40, crop_scale=(1.0, 1.0), hflip=0.0)
+  host = pipeline.Preprocess(**kw)
+  dev = pipeline.Preprocess(**kw, device_augment=True, canvas_size=32)
+  want, got = next(_loader(data, tok, host)), next(_loader(data, tok, dev))
+  image = device_augment.images_from_batch(got, dict(image_size=32, mean=host.mean,
+                                                     std=host.std))["image"]
+  np.testing.assert_allclose(np.asarray(image), want["image"], atol=1e-5, rtol=0)
