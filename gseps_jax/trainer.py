@@ -38,9 +38,17 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+def _device_images(batch, config):
+  """A batch of uint8 canvases + crop boxes + flips (`data.device_augment`) -> normalised images
+  (`data/device_augment.py`); a batch of images as it is (config.data is read only if needed)."""
+  if "crop_box" not in batch:
+    return batch
+  return device_augment.images_from_batch(batch, config.data)
+
+
 def loss_fn(params, batch, rng, step, *, model, config, steps_per_epoch):
   """Scalar loss and metrics for one batch (pure; `step` is a traced int)."""
-  batch = device_augment.images_from_batch(batch, config.data)
+  batch = _device_images(batch, config)
   sims, aux = model.apply({"params": params}, batch, train=True,
                           rngs=state_lib.train_rngs(rng))
   return _total_loss(sims, aux, batch, step, params, config, steps_per_epoch)
@@ -115,7 +123,7 @@ def value_and_grad(params, batch, rng, step, *, model, config, steps_per_epoch):
   """(loss, metrics), grads of one batch: plain, or with `train.encoder_chunk` > 1 through
   `cached_value_and_grad`. A batch of uint8 canvases + crop boxes + flips (`data.device_augment`)
   is augmented here first (`data/device_augment.py`: in the jitted step, batch sharded)."""
-  batch = device_augment.images_from_batch(batch, config.data)
+  batch = _device_images(batch, config)
   k = int(config.train.get("encoder_chunk", 0))
   if k > 1:
     return cached_value_and_grad(params, batch, rng, step, model=model, config=config,

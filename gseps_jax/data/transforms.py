@@ -12,6 +12,9 @@ crop, a plain resize) and a horizontal flip with probability `hflip` (0 = never)
 image's caption (and dense caption) has "left" and "right" (and their variants) swapped, so the
 words still describe the pixels. One of the image's captions is drawn per example, then text
 augmentation (`text_aug_prob`) of it.
+
+With `Preprocess.device_augment` the image fields are a uint8 canvas + crop box + flip
+(`canvas.py`, the same draws), resized and normalised later by `device_augment.py`.
 """
 
 from __future__ import annotations
