@@ -1,7 +1,21 @@
-"""Images/s of the training input pipeline at 224 px (decode, RandomResizedCrop + flip, normalise,
-tokenise + text augmentation, dense caption), in-process and with 1 and 2 worker processes.
+"""The training input pipeline at 224 px, host path against device augmentation, in one run.
 
-  python benchmarks/input_pipeline.py [--num_images=96 --batch=32 --steps=8]
+  python benchmarks/input_pipeline.py [--num_images=96 --batch=32 --steps=8 --canvas=512]
+
+Paths (same records, same seed, same generator stream):
+  host     data.device_augment = False (today's path): decode, RandomResizedCrop as a PIL bicubic
+           box resize, flip, float32 normalise, caption tokenisation + text augmentation, dense
+           caption tokenisation.
+  device   data.device_augment = True: decode into a uint8 canvas + crop box + flip, the same
+           text work; crop/resize/flip/normalise run later in the jitted step (data/
+           device_augment.py), measured separately below.
+  device, no dense   as `device`, dense captions not tokenised (GRM's batches).
+
+Reported: host images per CPU-second in this process (process_time: the per-core rate,
+independent of other load), wall images/s with 0, 1, 2 grain workers, bytes per example shipped,
+the per-stage host profile (ms per image), and the DEVICE augmentation's own cost: ms per batch
+of the jitted function here (on this machine's CPU) and XLA's FLOPs / bytes for it (cost
+analysis), from which its time on an accelerator can be estimated.
 
 Stand-in data: Flickr30K-sized JPEGs (500x375, smooth content + noise, ~60-100 KB like photos) and
 real Flickr30K captions/dense captions when ../shared/data/f30k exists, in the Karpathy folder
@@ -9,6 +23,7 @@ format, built with the real `flickr30k_karpathy` builder into a temporary tfds d
 """
 
 import argparse
+import dataclasses
 import io
 import json
 import tempfile
@@ -18,9 +33,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gseps_jax.data import pipeline, prepare, tokenizer
+from gseps_jax.data import canvas, device_augment, pipeline, prepare, tokenizer, transforms
 
 SHARED_F30K = Path(__file__).resolve().parents[2] / "shared/data/f30k"
+SIZE = 224
 
 
 def _photo_like(rng, w=500, h=375) -> bytes:
@@ -57,10 +73,9 @@ def make_dataset(root: Path, n: int) -> dict:
   return cfg
 
 
-def measure(cfg, tok, *, workers: int, batch: int, steps: int) -> tuple[float, float]:
-  """(wall-clock images/s, images per CPU-second of this process; the latter only in-process,
-  where it is the per-core rate independent of other load on the machine)."""
-  pp = pipeline.Preprocess(image_size=224)
+def measure(cfg, tok, pp, *, workers: int, batch: int, steps: int) -> dict:
+  """Wall images/s, images per CPU-second of this process (in-process only, where it is the
+  per-core rate independent of other load) and bytes per example of the batches."""
   loader = pipeline.TrainLoader(pipeline.open_split(cfg, "train"), tok, pp,
                                 global_batch_size=batch, seed=0, process_index=0,
                                 process_count=1, num_workers=workers, prefetch=2 * workers)
@@ -72,8 +87,81 @@ def measure(cfg, tok, *, workers: int, batch: int, steps: int) -> tuple[float, f
     dt, dc = time.perf_counter() - t, time.process_time() - c
   finally:
     loader.close()
-  assert b["image"].shape == (batch, 224, 224, 3)
-  return steps * batch / dt, (steps * batch / dc if workers == 0 else float("nan"))
+  want = (pp.canvas_size,) * 2 if pp.device_augment else (pp.image_size,) * 2
+  assert b["image"].shape == (batch,) + want + (3,)
+  return {"wall": steps * batch / dt,
+          "per_cpu": steps * batch / dc if workers == 0 else float("nan"),
+          "bytes": sum(v.nbytes for v in b.values()) / batch}
+
+
+def _ms(fn, items) -> float:
+  """process_time ms per item of `fn(item)`."""
+  c = time.process_time()
+  for x in items:
+    fn(x)
+  return 1e3 * (time.process_time() - c) / len(items)
+
+
+def stage_profile(cfg, tok, pp, n: int) -> dict:
+  """ms per image of each host stage, on the first `n` training records."""
+  src = pipeline.open_split(cfg, "train")
+  recs = [src[i] for i in range(min(n, len(src)))]
+  jpegs = [r["image"] for r in recs]
+  imgs = [canvas.decode_image(d, "x") for d in jpegs]
+  boxes = [transforms.random_resized_crop_box(np.random.default_rng(i), im.width, im.height,
+                                              pp.crop_scale) for i, im in enumerate(imgs)]
+  resized = [np.asarray(im.resize((SIZE, SIZE), Image.BICUBIC, box=(x, y, x + w, y + h)))
+             for im, (x, y, w, h) in zip(imgs, boxes)]
+
+  def draft_half(d):
+    im = Image.open(io.BytesIO(d))
+    im.draft("RGB", (im.width // 2, im.height // 2))
+    im.load()
+
+  def paste(im):
+    cv = np.zeros((pp.canvas_size, pp.canvas_size, 3), np.uint8)
+    cv[:im.height, :im.width] = np.asarray(im)
+
+  caps = [pipeline.sources.as_text(r["captions"][0]) for r in recs]
+  dense = [pipeline.sources.as_text(r["dense_caption"]) for r in recs]
+  rng = np.random.default_rng(0)
+  return {
+      "decode (full resolution)": _ms(lambda d: canvas.decode_image(d, "x"), jpegs),
+      "decode with draft 1/2 (reference)": _ms(draft_half, jpegs),
+      "crop + bicubic resize (PIL, host path)": _ms(
+          lambda a: a[0].resize((SIZE, SIZE), Image.BICUBIC,
+                                box=(a[1][0], a[1][1], a[1][0] + a[1][2], a[1][1] + a[1][3])),
+          list(zip(imgs, boxes))),
+      "flip + float32 normalise (host path)": _ms(
+          lambda a: transforms.normalize(a[:, ::-1], pp.mean, pp.std), resized),
+      "zeroed canvas + paste (device path)": _ms(paste, imgs),
+      "caption tokenise + text augmentation": _ms(
+          lambda t: tok.encode(t, pp.max_len, rng=rng, aug_prob=pp.text_aug_prob), caps),
+      "dense caption tokenise": _ms(lambda t: tok.encode(t, pp.dense_max_len), dense),
+  }
+
+
+def device_cost(batch: int, canvas_size: int) -> dict:
+  """The jitted device augmentation on this machine's default backend: ms per batch, and XLA's
+  cost analysis (FLOPs, bytes accessed) of one batch."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  args = (rng.integers(0, 256, (batch, canvas_size, canvas_size, 3), dtype=np.uint8),
+          np.tile(np.asarray([[50, 40, 300, 250]], np.int32), (batch, 1)),
+          np.tile(np.asarray([[500, 375]], np.int32), (batch, 1)), rng.random(batch) < 0.5)
+  opts = dict(image_size=SIZE, mean=pipeline.Preprocess.mean, std=pipeline.Preprocess.std)
+  fn = jax.jit(lambda *a: device_augment.augment(*a, **opts))
+  compiled = fn.lower(*args).compile()
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  fn(*args).block_until_ready()
+  reps = 3
+  t = time.perf_counter()
+  for _ in range(reps):
+    fn(*args).block_until_ready()
+  return {"ms_per_batch": 1e3 * (time.perf_counter() - t) / reps,
+          "flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0)),
+          "backend": jax.default_backend()}
 
 
 def main():
@@ -81,16 +169,40 @@ def main():
   p.add_argument("--num_images", type=int, default=96)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--steps", type=int, default=8)
+  p.add_argument("--canvas", type=int, default=512)
+  p.add_argument("--workers", type=str, default="0,1,2")
   a = p.parse_args()
   tok = tokenizer.load_tokenizer(tokenizer.installed_minilm_dir())
+  host = pipeline.Preprocess(image_size=SIZE)
+  paths = {"host (device_augment off)": host,
+           "device": dataclasses.replace(host, device_augment=True, canvas_size=a.canvas),
+           "device, no dense (GRM)": dataclasses.replace(host, device_augment=True,
+                                                         canvas_size=a.canvas, dense=False)}
+  workers = [int(w) for w in a.workers.split(",")]
   with tempfile.TemporaryDirectory() as d:
     cfg = make_dataset(Path(d), a.num_images)
-    print("| workers | images/s (wall) | images per CPU-second |")
-    print("|---|---|---|")
-    for workers in (0, 1, 2):
-      ips, per_cpu = measure(cfg, tok, workers=workers, batch=a.batch, steps=a.steps)
-      print(f"| {workers if workers else '0 (in-process)'} | {ips:.0f} | {per_cpu:.0f} |",
-            flush=True)
+    print("| path | workers | images/s (wall) | host images per CPU-second | bytes/example |")
+    print("|---|---|---|---|---|")
+    per_cpu = {}
+    for name, pp in paths.items():
+      for w in workers:
+        m = measure(cfg, tok, pp, workers=w, batch=a.batch, steps=a.steps)
+        if w == 0:
+          per_cpu[name] = m["per_cpu"]
+        print(f"| {name} | {w if w else '0 (in-process)'} | {m['wall']:.0f} | "
+              f"{m['per_cpu']:.0f} | {m['bytes']:,.0f} |", flush=True)
+    if per_cpu:
+      old = per_cpu["host (device_augment off)"]
+      for name in list(paths)[1:]:
+        print(f"ratio new/old of host images per CPU-second, {name}: {per_cpu[name] / old:.2f}x")
+    print("\nHost stages, ms per image (process_time):")
+    for stage, ms in stage_profile(cfg, tok, host, a.num_images).items():
+      print(f"  {stage:42s} {ms:6.2f}")
+  dc = device_cost(a.batch, a.canvas)
+  print(f"\nDevice augmentation (jitted, on this machine's {dc['backend']}, NOT host work): "
+        f"{dc['ms_per_batch']:.1f} ms per batch of {a.batch} "
+        f"({dc['ms_per_batch'] / a.batch:.2f} ms/image); XLA cost analysis per batch: "
+        f"{dc['flops'] / 1e9:.2f} GFLOP, {dc['bytes'] / 1e6:.0f} MB accessed")
 
 
 if __name__ == "__main__":

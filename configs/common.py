@@ -94,6 +94,11 @@ def base_config():
   c.data.text_aug_prob = 0.2
   c.data.crop_scale = (0.6, 1.0)  # RandomResizedCrop area range; (1.0, 1.0) = no crop
   c.data.hflip = 0.5  # horizontal flip probability (0 = off); a flip swaps left/right in captions
+  # Augmentation on the accelerator (data/device_augment.py): the host ships uint8 canvases of
+  # canvas_size^2 (512 holds any Flickr30K image; larger ones, e.g. COCO's 640, are reduced to
+  # fit on the host) + crop box + flip; False = the host resizes and normalises (float32).
+  c.data.device_augment = True
+  c.data.canvas_size = 512
   c.data.text_cache_dir = ""  # cached frozen text features; "" = <data_dir>/text_features
   c.data.num_workers = 0
   c.data.synthetic = ml_collections.ConfigDict(dict(num_train=5000, num_test=500, num_dev=200,
@@ -194,6 +199,7 @@ _RULES = (
     ("data.max_len", lambda v: _is_int(v) and v > 0, _POSITIVE + " (tokens)"),
     ("data.dense_max_len", lambda v: _is_int(v) and (v == 0 or v >= 2),
      "0 (auto: the longest dense caption of the data, at most 512) or a length >= 2 (tokens)"),
+    ("data.canvas_size", lambda v: _is_int(v) and v > 0, _POSITIVE + " (pixels)"),
     ("data.num_workers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     ("data.text_aug_prob", lambda v: _is_num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
     ("data.hflip", lambda v: _is_num(v) and 0 <= v <= 1, "a flip probability in [0, 1]"),
@@ -282,6 +288,7 @@ def use_tiny(c):
   c.data.max_len = 16
   c.data.name = "synthetic_regions"
   c.data.synthetic.update(dict(num_train=64, num_dev=16, num_test=16, image_size=64, seed=0))
+  c.data.canvas_size = 64  # the generated images' size
   c.data.data_dir = "data_cache/tfds"
   c.train.batch_size = 8
   c.train.max_steps = 2
@@ -301,6 +308,7 @@ def use_demo(c, image_size=32):
   c.data.name = "synthetic_regions"
   c.data.synthetic.image_size = image_size
   c.data.image_size = image_size
+  c.data.canvas_size = image_size  # the generated images' size
   c.data.data_dir = "data_cache/tfds"
   c.model.vision = ml_collections.ConfigDict(dict(
       VIT_B16, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,

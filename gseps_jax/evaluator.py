@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from gseps_jax import metrics as metrics_lib
 from gseps_jax import sharding
+from gseps_jax.data import device_augment
 
 PROTOCOLS = ("flickr1k", "coco1k", "coco5k", "all", "full")
 
@@ -72,7 +73,7 @@ class Evaluator:
     self.batch_size = batch_size or config.eval.batch_size
     self.source = pipeline.open_split(config.data, split)
     self.tok = pipeline.tokenizer_from_config(config)
-    self.pp = pipeline.Preprocess.from_config(config.data)
+    self.pp = pipeline.Preprocess.for_model(config)
     self.num_workers = config.data.get("num_workers", 0)
     self.num_images = len(self.source)
     self.captions_per_image = 5
@@ -92,8 +93,15 @@ class Evaluator:
     self.dense_cache = (text_cache.for_split(config, self.source, split, kind="dense",
                                              tok=self.tok) if self.uses_dense else None)
     opts = sharding.compiler_options(config)
-    self._encode_img = jax.jit(functools.partial(model.apply, method="encode_images"),
-                               compiler_options=opts)
+    aug = device_augment.image_options(config.data)
+
+    def encode_images(variables, image, *canvas_fields):  # canvas fields: device augmentation
+      if canvas_fields:
+        image = device_augment.augment(image, *canvas_fields, **aug)
+      return model.apply(variables, image, method="encode_images")
+    self._encode_img = jax.jit(encode_images, compiler_options=opts)
+    self._image_keys = ["image"] + (list(device_augment.AUGMENT_KEYS) if self.pp.device_augment
+                                    else [])
     self._encode_txt = jax.jit(functools.partial(model.apply, method="encode_texts"),
                                compiler_options=opts)
     self._scorers = {}  # dense_mode -> jitted scorer
@@ -115,7 +123,7 @@ class Evaluator:
     """Host features (images, captions, dense captions or None), each in dataset order."""
     from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     kw = dict(global_batch_size=self.batch_size, num_workers=self.num_workers)
-    jobs = [(self._encode_img, ["image"])]
+    jobs = [(self._encode_img, self._image_keys)]
     if self.uses_dense:
       jobs.append((self._encode_txt, ["dense_ids", "dense_mask"]
                    + (["dense_hidden"] if self.dense_cache is not None else [])))

@@ -29,6 +29,7 @@ from gseps_jax import models
 from gseps_jax import optim
 from gseps_jax import sharding
 from gseps_jax import state as state_lib
+from gseps_jax.data import device_augment
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,17 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+def _device_images(batch, config):
+  """A batch of uint8 canvases + crop boxes + flips (`data.device_augment`) -> normalised images
+  (`data/device_augment.py`); a batch of images as it is (config.data is read only if needed)."""
+  if "crop_box" not in batch:
+    return batch
+  return device_augment.images_from_batch(batch, config.data)
+
+
 def loss_fn(params, batch, rng, step, *, model, config, steps_per_epoch):
   """Scalar loss and metrics for one batch (pure; `step` is a traced int)."""
+  batch = _device_images(batch, config)
   sims, aux = model.apply({"params": params}, batch, train=True,
                           rngs=state_lib.train_rngs(rng))
   return _total_loss(sims, aux, batch, step, params, config, steps_per_epoch)
@@ -111,7 +121,9 @@ def cached_value_and_grad(params, batch, rng, step, *, model, config, steps_per_
 
 def value_and_grad(params, batch, rng, step, *, model, config, steps_per_epoch):
   """(loss, metrics), grads of one batch: plain, or with `train.encoder_chunk` > 1 through
-  `cached_value_and_grad`."""
+  `cached_value_and_grad`. A batch of uint8 canvases + crop boxes + flips (`data.device_augment`)
+  is augmented here first (`data/device_augment.py`: in the jitted step, batch sharded)."""
+  batch = _device_images(batch, config)
   k = int(config.train.get("encoder_chunk", 0))
   if k > 1:
     return cached_value_and_grad(params, batch, rng, step, model=model, config=config,

@@ -142,6 +142,9 @@ def main():
     local = dict(next(loader))
     loader.close()
     batch = {k: np.concatenate([v] * n) for k, v in local.items()}  # shapes only (init)
+    from gseps_jax.data import device_augment  # pylint: disable=g-import-not-at-top
+    batch = {k: np.asarray(v) for k, v in  # the images the model reads (uint8 canvas -> float)
+             device_augment.images_from_batch(batch, config.data).items()}
   else:
     local = {k: v[pid * BATCH // n:(pid + 1) * BATCH // n] for k, v in batch.items()}
 

@@ -6,7 +6,8 @@ fresh JAX: fake devices, several processes, signals). Prints `RESULT <json>` at 
 
 --sigterm_at=N sends this process a real SIGTERM while step N's batch is being fed (the trainer's
 handler must checkpoint after step N and stop); --signal_at=N:SIGNUM the same with any signal
-(e.g. 2 = SIGINT, Ctrl-C); --nan_at=N feeds a NaN image at step N.
+(e.g. 2 = SIGINT, Ctrl-C); --nan_at=N feeds a NaN image at step N (with device augmentation:
+an empty image extent, which the augmentation turns into NaN pixels).
 """
 
 import faulthandler
@@ -48,7 +49,10 @@ def main():
     if calls["n"] == int(at):
       os.kill(os.getpid(), int(signum))
     if calls["n"] == int(opts.get("nan_at", -1)):
-      local = dict(local, image=np.full_like(local["image"], np.nan))
+      if "image_wh" in local:  # uint8 canvases (device augmentation): an empty image extent
+        local = dict(local, image_wh=np.zeros_like(local["image_wh"]))  # -> 0/0 weights = NaN
+      else:
+        local = dict(local, image=np.full_like(local["image"], np.nan))
     return real(local, mesh)
 
   sharding.global_batch = hooked

@@ -1,5 +1,6 @@
 """Evaluator: all-pairs scores equal the model's own single-pair forward; sharded == 1 device."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -16,7 +17,7 @@ from gseps_jax import evaluator
 from gseps_jax import models
 from gseps_jax import sharding
 from gseps_jax import state as state_lib
-from gseps_jax.data import pipeline
+from gseps_jax.data import device_augment, pipeline
 
 
 def _setup(model_name, **over):
@@ -34,8 +35,12 @@ def _setup(model_name, **over):
 
 
 def _eval_inputs(ev):
+  """The evaluator's inputs, images as the models read them (device augmentation applied), with
+  dense captions whether or not the model reads them (the pairwise forward takes them)."""
   kw = dict(global_batch_size=ev.batch_size)
-  imgs = list(pipeline.eval_image_batches(ev.source, ev.tok, ev.pp, **kw))
+  imgs = [dict(device_augment.images_from_batch(b, ev.config.data), valid=b["valid"])
+          for b in pipeline.eval_image_batches(ev.source, ev.tok,
+                                               dataclasses.replace(ev.pp, dense=True), **kw)]
   caps = list(pipeline.eval_caption_batches(ev.source, ev.tok, ev.pp, **kw))
   cat = lambda bs, k: np.concatenate([b[k][b["valid"]] for b in bs])
   return ({k: cat(imgs, k) for k in ("image", "dense_ids", "dense_mask")},

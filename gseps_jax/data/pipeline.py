@@ -15,13 +15,12 @@ randomness (which caption, crop, flip, text augmentation) comes from
 `example_rng(seed, epoch, image index)`, so it does not depend on batch size, process count or
 worker count.
 
-  Batch (local): image [B, H, W, 3] float32 (normalised), input_ids [B, L] int32,
-  attention_mask [B, L] int32, dense_ids [B, Ld] int32, dense_mask [B, Ld] int32,
-  image_index [B] int32 (index of the image within the split); with cached frozen text features
-  (data/text_cache.py) also text_hidden [B, L, D_text] float16 (and dense_hidden [B, Ld, D_text]).
-  The stages are separate so that the image work can move: a stage returning uint8 pixels and
-  the drawn crop box / flip (same generator draws) plus a jitted crop/resize/normalise after
-  `to_global` would put the augmentation on the accelerator without changing the order or state.
+  Batch (local): image [B, H, W, 3] float32 (normalised; with `device_augment` instead a uint8
+  canvas [B, C, C, 3] + crop_box [B, 4], image_wh [B, 2] int32, flip [B] bool, made into it by
+  data/device_augment.py in the jitted step), input_ids, attention_mask [B, L] int32, dense_ids,
+  dense_mask [B, Ld] int32 (models that tokenise dense captions), image_index [B] int32 (within
+  the split); with cached frozen text features (data/text_cache.py) also text_hidden
+  [B, L, D_text] float16 (and dense_hidden [B, Ld, D_text]).
 
 Evaluation (`eval_image_batches`, `eval_caption_batches`): dataset order, no randomness. Global
 batch s covers images (or captions; caption j belongs to image j // 5) [s*G, (s+1)*G); process p
@@ -334,7 +333,7 @@ class TrainLoader:
     caches = {f"{kind}_cache": cache_lib.for_split(config, source, split, kind=name, train=True,
                                                    tok=tok)
               for kind, name in (("text", "captions"), ("dense", "dense"))}
-    return cls(source, tok, Preprocess.from_config(config.data),
+    return cls(source, tok, Preprocess.for_model(config),
                global_batch_size=global_batch_size, seed=seed, start_step=start_step,
                process_index=process_index, process_count=process_count,
                num_workers=config.data.get("num_workers", 0), **caches)
@@ -388,8 +387,9 @@ def _drain(ds: grain.MapDataset, num_workers: int) -> Iterator[Batch]:
 def eval_image_batches(source, tok, pp: Preprocess, *, global_batch_size: int,
                        process_index: int | None = None, process_count: int | None = None,
                        num_workers: int = 0, dense_cache=None) -> Iterator[Batch]:
-  """Eval images in dataset order: `image [B,H,W,3] float32`, `dense_ids`/`dense_mask [B,Ld]
-  int32`, `image_index [B] int32` (-1 for padding), `valid [B] bool`; with `dense_cache` also
+  """Eval images in dataset order: `image [B,H,W,3] float32` (or the canvas fields, module doc;
+  box = the whole image, no flip), `dense_ids`/`dense_mask [B,Ld] int32` (if `pp.dense`),
+  `image_index [B] int32` (-1 for padding), `valid [B] bool`; with `dense_cache` also
   `dense_hidden [B, Ld, D_text]`."""
   p, n = process_shard(process_index, process_count)
   return _drain(eval_image_dataset(source, tok, pp, global_batch_size=int(global_batch_size),

@@ -12,18 +12,21 @@ crop, a plain resize) and a horizontal flip with probability `hflip` (0 = never)
 image's caption (and dense caption) has "left" and "right" (and their variants) swapped, so the
 words still describe the pixels. One of the image's captions is drawn per example, then text
 augmentation (`text_aug_prob`) of it.
+
+With `Preprocess.device_augment` the image fields are a uint8 canvas + crop box + flip
+(`canvas.py`, the same draws), resized and normalised later by `device_augment.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import math
 import re
 
 import numpy as np
 
+from gseps_jax.data import canvas as canvas_lib
 from gseps_jax.data import dense_length
 from gseps_jax.data import sources
 from gseps_jax.data import tokenizer as tokenizer_lib
@@ -34,8 +37,8 @@ _PERM_TAG, _EXAMPLE_TAG = 1, 2
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop aspect-ratio range (torchvision default)
 
 
-class CorruptImageError(ValueError):
-  """An example's image bytes cannot be decoded."""
+CorruptImageError = canvas_lib.CorruptImageError
+decode_image = canvas_lib.decode_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +52,18 @@ class Preprocess:
   max_len: int = 32
   dense_max_len: int = 90  # > 0 here; config 0 (auto) is resolved by `from_config`
   text_aug_prob: float = 0.2
+  # True: images leave the host as uint8 canvases + crop box + flip (`canvas.py`), augmented by
+  # the jitted consumer (`device_augment.py`); False: normalised float32 `[S, S, 3]` (host path).
+  # The config's default is True; the dataclass keeps the plain-numpy host path for direct use.
+  device_augment: bool = False
+  canvas_size: int = 512
+  dense: bool = True  # tokenise dense captions (False for models that read none, e.g. GRM)
 
   @classmethod
-  def from_config(cls, data_config) -> "Preprocess":
+  def from_config(cls, data_config, *, dense: bool = True) -> "Preprocess":
     """From `config.data`; `dense_max_len = 0` (auto) becomes `recorded_dense_len(data_config)`
-    (normally `resolve_dense_max_len` has already written the concrete length into the config)."""
+    (normally `resolve_dense_max_len` has already written the concrete length into the config).
+    `dense`: whether batches carry tokenised dense captions (`models.tokenizes_dense`)."""
     get = data_config.get
     dense_len = int(get("dense_max_len", 90))
     if dense_len == dense_length.DENSE_AUTO:
@@ -64,18 +74,15 @@ class Preprocess:
                crop_scale=tuple(float(x) for x in get("crop_scale", cls.crop_scale)),
                hflip=float(get("hflip", cls.hflip)),
                max_len=int(get("max_len", 32)), dense_max_len=dense_len,
-               text_aug_prob=float(get("text_aug_prob", 0.2)))
+               text_aug_prob=float(get("text_aug_prob", 0.2)),
+               device_augment=bool(get("device_augment", True)),
+               canvas_size=int(get("canvas_size", cls.canvas_size)), dense=bool(dense))
 
-
-def decode_image(data: bytes, name: str):
-  """JPEG/PNG bytes -> RGB PIL image; CorruptImageError naming the example otherwise."""
-  from PIL import Image
-  try:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-  except Exception as e:  # PIL raises several types for bad data.
-    raise CorruptImageError(f"Cannot decode the image of {name}: {e}.") from e
-  return img if img.mode == "RGB" else img.convert("RGB")
+  @classmethod
+  def for_model(cls, config) -> "Preprocess":
+    """`from_config(config.data)`, dense captions tokenised only for a model that reads them."""
+    from gseps_jax import models  # pylint: disable=g-import-not-at-top
+    return cls.from_config(config.data, dense=models.tokenizes_dense(config.model))
 
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
@@ -153,6 +160,38 @@ def train_image_and_flip(data: bytes, rng: np.random.Generator, pp: Preprocess,
   return normalize(arr, pp.mean, pp.std), flipped
 
 
+def train_image_fields(data: bytes, rng: np.random.Generator, pp: Preprocess,
+                       name: str) -> tuple[Example, bool]:
+  """The image fields of a training example and whether it is flipped: `{"image": [S, S, 3]
+  float32}` (host path), or with `pp.device_augment` the canvas fields of `canvas.py` (`image`
+  uint8 canvas, `crop_box`, `image_wh`, `flip`). Both make the same draws in the same order (crop
+  box, then flip), so the generator's later draws (text augmentation) are the same."""
+  if not pp.device_augment:
+    image, flipped = train_image_and_flip(data, rng, pp, name)
+    return {"image": image}, flipped
+
+  def box(width, height):
+    if tuple(pp.crop_scale) == (1.0, 1.0):
+      return 0, 0, width, height
+    return random_resized_crop_box(rng, width, height, pp.crop_scale)
+  fields = canvas_lib.canvas_fields(data, name, pp.canvas_size, box,
+                                    lambda: rng.random() < pp.hflip)
+  return fields, bool(fields["flip"])
+
+
+def eval_image_fields(data: bytes | None, pp: Preprocess, name: str = "") -> Example:
+  """The image fields of an eval image (`data=None`: the zero padding row): `eval_image`, or
+  with `pp.device_augment` the canvas fields with the whole image as the box and no flip."""
+  if not pp.device_augment:
+    s = pp.image_size
+    return {"image": (np.zeros((s, s, 3), np.float32) if data is None
+                      else eval_image(data, pp, name))}
+  if data is None:
+    return canvas_lib.padding_fields(pp.canvas_size)
+  return canvas_lib.canvas_fields(data, name, pp.canvas_size, lambda w, h: (0, 0, w, h),
+                                  lambda: False)
+
+
 def train_image(data: bytes, rng: np.random.Generator, pp: Preprocess, name: str) -> np.ndarray:
   """`train_image_and_flip` without the flag -> `[S, S, 3] float32`."""
   return train_image_and_flip(data, rng, pp, name)[0]
@@ -202,14 +241,15 @@ def train_example(record: dict, rng: np.random.Generator, pp: Preprocess,
   captions = record["captions"]
   choice = int(rng.integers(len(captions)))
   caption = sources.as_text(captions[choice])
-  image, flipped = train_image_and_flip(record["image"], rng, pp, name)
-  dense = sources.as_text(record["dense_caption"])
+  out, flipped = train_image_fields(record["image"], rng, pp, name)
   if flipped:
-    caption, dense = swap_left_right(caption), swap_left_right(dense)
+    caption = swap_left_right(caption)
   ids, mask = tok.encode(caption, pp.max_len, rng=rng, aug_prob=pp.text_aug_prob)
-  dense_ids, dense_mask = tok.encode(dense, pp.dense_max_len)
-  out = {"image": image, "input_ids": ids, "attention_mask": mask, "dense_ids": dense_ids,
-         "dense_mask": dense_mask, "image_index": np.int32(record["index"])}
+  out.update(input_ids=ids, attention_mask=mask, image_index=np.int32(record["index"]))
+  if pp.dense:  # no draws: skipping it leaves the stream as it is
+    dense = sources.as_text(record["dense_caption"])
+    out["dense_ids"], out["dense_mask"] = tok.encode(swap_left_right(dense) if flipped else dense,
+                                                     pp.dense_max_len)
   if with_choice:
     out.update(caption_choice=np.int32(choice), flipped=np.bool_(flipped))
   return out
@@ -218,14 +258,17 @@ def train_example(record: dict, rng: np.random.Generator, pp: Preprocess,
 def eval_image_example(record: dict | None, pp: Preprocess,
                        tok: tokenizer_lib.Tokenizer) -> Example:
   """One evaluation image (resize, no randomness) and its dense caption; `record=None` gives the
-  zero padding row (`valid = False`, `image_index = -1`)."""
+  zero padding row (`valid = False`, `image_index = -1`). Image fields: `eval_image_fields`;
+  no dense caption fields without `pp.dense`."""
   if record is None:
-    s = pp.image_size
-    return {"image": np.zeros((s, s, 3), np.float32),
-            "dense_ids": np.zeros(pp.dense_max_len, np.int32),
-            "dense_mask": np.zeros(pp.dense_max_len, np.int32),
-            "image_index": np.int32(-1), "valid": np.bool_(False)}
-  ids, mask = tok.encode(sources.as_text(record["dense_caption"]), pp.dense_max_len)
-  return {"image": eval_image(record["image"], pp, sources.example_name(record)),
-          "dense_ids": ids, "dense_mask": mask, "image_index": np.int32(record["index"]),
-          "valid": np.bool_(True)}
+    out = eval_image_fields(None, pp)
+    out.update(image_index=np.int32(-1), valid=np.bool_(False))
+    if pp.dense:
+      out["dense_ids"] = out["dense_mask"] = np.zeros(pp.dense_max_len, np.int32)
+    return out
+  out = eval_image_fields(record["image"], pp, sources.example_name(record))
+  out.update(image_index=np.int32(record["index"]), valid=np.bool_(True))
+  if pp.dense:
+    out["dense_ids"], out["dense_mask"] = tok.encode(sources.as_text(record["dense_caption"]),
+                                                     pp.dense_max_len)
+  return out
