@@ -139,6 +139,7 @@ def _baseline_module():
     config: Any
     pooling: str
     uses_dense = False  # the model interface the Evaluator asks (models/grm.py has it all)
+    tokenizes_dense = False
 
     def score_options(self, dense_mode=None, caption_image=None) -> dict:
       del dense_mode, caption_image
@@ -231,10 +232,11 @@ def run(name: str, args, *, steps: int | None, budget_s: float | None, horizon: 
   if hasattr(pipeline, "resolve_dense_max_len"):
     pipeline.resolve_dense_max_len(config)
   config.train.max_steps = horizon
-  data = pipeline.TrainLoader.from_config(config, global_batch_size=config.train.batch_size,
-                                         seed=config.seed)
-  spe = data.steps_per_epoch
   model = build(name, config)
+  data = pipeline.TrainLoader.from_config(config, global_batch_size=config.train.batch_size,
+                                         seed=config.seed, tokenizes_dense=model.tokenizes_dense,
+                                         uses_dense=model.uses_dense)
+  spe = data.steps_per_epoch
   key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(key)
   params = state_lib.init_params(model, state_lib.sample_batch(config), init_key, split=False)

@@ -73,7 +73,7 @@ class Evaluator:
     self.batch_size = batch_size or config.eval.batch_size
     self.source = pipeline.open_split(config.data, split)
     self.tok = pipeline.tokenizer_from_config(config)
-    self.pp = pipeline.Preprocess.for_model(config)
+    self.pp = pipeline.Preprocess.from_config(config.data, dense=model.tokenizes_dense)
     self.num_workers = config.data.get("num_workers", 0)
     self.num_images = len(self.source)
     self.captions_per_image = 5

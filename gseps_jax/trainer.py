@@ -278,8 +278,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     fileio.atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
+  model = models.build_model(config.model)
   data = pipeline.TrainLoader.from_config(config, global_batch_size=config.train.batch_size,
-                                         seed=config.seed)
+                                         seed=config.seed, tokenizes_dense=model.tokenizes_dense,
+                                         uses_dense=model.uses_dense)
   steps_per_epoch = data.steps_per_epoch
   total_steps = steps_per_epoch * config.train.num_epochs
   if config.train.max_steps > 0:
@@ -293,7 +295,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f"config.train.batch_size = {config.train.batch_size} must be divisible by "
         f"train.encoder_chunk x devices = {k} x {mesh.size}: every encoder chunk is spread over "
         f"all devices. Change --config.train.batch_size or --config.train.encoder_chunk.")
-  model = models.build_model(config.model)
   sample = state_lib.sample_batch(config)
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)

@@ -138,7 +138,10 @@ def main():
   if from_pipeline:
     from gseps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     tiny.ensure_data(config)
-    loader = pipeline.TrainLoader.from_config(config, global_batch_size=BATCH, seed=0)
+    m = models.build_model(config.model)
+    loader = pipeline.TrainLoader.from_config(config, global_batch_size=BATCH, seed=0,
+                                              tokenizes_dense=m.tokenizes_dense,
+                                              uses_dense=m.uses_dense)
     local = dict(next(loader))
     loader.close()
     batch = {k: np.concatenate([v] * n) for k, v in local.items()}  # shapes only (init)

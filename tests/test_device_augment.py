@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import tiny
+from gseps_jax import models
 from gseps_jax.data import canvas, device_augment, pipeline, prepare, tokenizer
 
 SYN = dict(num_train=24, num_dev=4, num_test=7, image_size=32, seed=1)
@@ -215,8 +216,10 @@ def test_resume_with_device_augment(data, tok):
 
 
 def test_dense_captions_only_for_models_that_read_them(data, tok):
-  assert not pipeline.Preprocess.for_model(tiny.tiny_config("grm")).dense
-  assert pipeline.Preprocess.for_model(tiny.tiny_config("seps")).dense
+  grm, seps = (models.build_model(tiny.tiny_config(n).model) for n in ("grm", "seps"))
+  assert not grm.tokenizes_dense and not grm.uses_dense
+  assert seps.tokenizes_dense and seps.uses_dense
+  assert seps.sparse_only().tokenizes_dense and not seps.sparse_only().uses_dense  # LAPS-like
   pp = pipeline.Preprocess(image_size=16, max_len=12, dense_max_len=40, dense=False)
   b = next(_loader(data, tok, pp))
   assert "dense_ids" not in b and "dense_mask" not in b

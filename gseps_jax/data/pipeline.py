@@ -324,16 +324,20 @@ class TrainLoader:
   @classmethod
   def from_config(cls, config, *, global_batch_size: int, seed: int, start_step: int = 0,
                   split: str = "train", process_index: int | None = None,
-                  process_count: int | None = None, tok=None) -> "TrainLoader":
+                  process_count: int | None = None, tok=None, tokenizes_dense: bool = True,
+                  uses_dense: bool = True) -> "TrainLoader":
     """From a full config (`config.data`, `config.model.text_hf_dir` for the vocabulary).
     A frozen pretrained text tower's features come from the split's cache (data/text_cache.py,
-    built here on first use)."""
+    built here on first use). `tokenizes_dense` / `uses_dense`: the model's answers (its
+    attributes of the same names): whether batches carry tokenised dense captions, and whether
+    the model reads them (only then are their frozen features cached)."""
     source = open_split(config.data, split)
     tok = tok or tokenizer_from_config(config)
-    caches = {f"{kind}_cache": cache_lib.for_split(config, source, split, kind=name, train=True,
-                                                   tok=tok)
-              for kind, name in (("text", "captions"), ("dense", "dense"))}
-    return cls(source, tok, Preprocess.for_model(config),
+    caches = {"text_cache": cache_lib.for_split(config, source, split, kind="captions",
+                                                train=True, tok=tok),
+              "dense_cache": (cache_lib.for_split(config, source, split, kind="dense",
+                                                  train=True, tok=tok) if uses_dense else None)}
+    return cls(source, tok, Preprocess.from_config(config.data, dense=tokenizes_dense),
                global_batch_size=global_batch_size, seed=seed, start_step=start_step,
                process_index=process_index, process_count=process_count,
                num_workers=config.data.get("num_workers", 0), **caches)

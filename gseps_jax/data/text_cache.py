@@ -224,10 +224,6 @@ def enabled(config, *, kind: str = "captions", train: bool = False) -> bool:
   m = config.model
   if not (m.get("freeze_text", False) and m.get("cache_text", True) and m.get("text_hf_dir", "")):
     return False
-  if kind == "dense":
-    from gseps_jax import models  # pylint: disable=g-import-not-at-top
-    if not models.uses_dense(m):
-      return False
   if train and kind == "captions" and float(config.data.get("text_aug_prob", 0.0)) > 0:
     log.warning("Text augmentation is on (data.text_aug_prob = %s): the frozen text tower runs "
                 "every step instead of reading cached features.", config.data.text_aug_prob)

@@ -63,7 +63,8 @@ class Preprocess:
   def from_config(cls, data_config, *, dense: bool = True) -> "Preprocess":
     """From `config.data`; `dense_max_len = 0` (auto) becomes `recorded_dense_len(data_config)`
     (normally `resolve_dense_max_len` has already written the concrete length into the config).
-    `dense`: whether batches carry tokenised dense captions (`models.tokenizes_dense`)."""
+    `dense`: whether batches carry tokenised dense captions (the caller asks the model:
+    `model.tokenizes_dense`; the data layer does not import models)."""
     get = data_config.get
     dense_len = int(get("dense_max_len", 90))
     if dense_len == dense_length.DENSE_AUTO:
@@ -77,12 +78,6 @@ class Preprocess:
                text_aug_prob=float(get("text_aug_prob", 0.2)),
                device_augment=bool(get("device_augment", True)),
                canvas_size=int(get("canvas_size", cls.canvas_size)), dense=bool(dense))
-
-  @classmethod
-  def for_model(cls, config) -> "Preprocess":
-    """`from_config(config.data)`, dense captions tokenised only for a model that reads them."""
-    from gseps_jax import models  # pylint: disable=g-import-not-at-top
-    return cls.from_config(config.data, dense=models.tokenizes_dense(config.model))
 
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,

@@ -14,15 +14,3 @@ def build_model(model_cfg):
                      f"{sorted(MODELS)}.")
   return MODELS[name].from_config(model_cfg)
 
-
-def uses_dense(model_cfg) -> bool:
-  """Whether the model `model_cfg` describes scores dense captions (the data layer asks this to
-  decide which text features to cache). A model outside `MODELS` (e.g. the baselines of
-  benchmarks/demo_table.py, trained by the same loop) reads none."""
-  return model_cfg.get("name") in MODELS and build_model(model_cfg).uses_dense
-
-
-def tokenizes_dense(model_cfg) -> bool:
-  """Whether batches for the model `model_cfg` describes carry tokenised dense captions (GRM's
-  do not: the data layer skips their tokenisation). True outside `MODELS` (as before)."""
-  return model_cfg.get("name") not in MODELS or build_model(model_cfg).tokenizes_dense
