@@ -142,7 +142,7 @@ def train_step(state: state_lib.TrainState, batch, rng, *, model, tx, config, st
   params = optax.apply_updates(state.params, updates)
   # param_norm of the UPDATED params: not finite when an update exploded them (checked before
   # every save; the loss only shows the damage one step later).
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                  param_norm=optax.tree.norm(params))
   return state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

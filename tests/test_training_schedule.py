@@ -109,7 +109,7 @@ def test_grad_accum_is_one_step_on_the_mean_gradient():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), acc_p,
                  ref_p)
   # The clip (norm 2) acts on the mean, not on each micro-batch: the gradients are ~3x larger.
-  assert float(optax.global_norm(grads[0])) > 2.0
+  assert float(optax.tree.norm(grads[0])) > 2.0
 
 
 # ----------------------------------------------------------------------------- the loop
