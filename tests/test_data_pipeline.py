@@ -11,21 +11,8 @@ from PIL import Image
 
 from gseps_jax.data import pipeline, prepare, text_aug, tokenizer
 
-SYN = dict(num_train=24, num_dev=4, num_test=7, image_size=32, seed=1)
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return tokenizer.load_tokenizer(tokenizer.installed_minilm_dir())
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-  cfg = {"name": "synthetic_regions", "data_dir": str(tmp_path_factory.mktemp("syn")),
-         "synthetic": dict(SYN)}
-  prepare.ensure_prepared(cfg)
-  return cfg
-
+# Fixtures `tok` (the installed MiniLM tokenizer) and `data` (a small synthetic_regions split):
+# tests/conftest.py.
 
 PP = pipeline.Preprocess(image_size=16, max_len=12, dense_max_len=40)
 

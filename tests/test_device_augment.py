@@ -11,23 +11,12 @@ from PIL import Image
 
 import tiny
 from gseps_jax import models
-from gseps_jax.data import canvas, device_augment, pipeline, prepare, tokenizer
+from gseps_jax.data import canvas, device_augment, pipeline
 
-SYN = dict(num_train=24, num_dev=4, num_test=7, image_size=32, seed=1)
 ONE_LEVEL = 1.0 / (255.0 * min(pipeline.Preprocess.std))  # one uint8 level after normalising
 
 
-@pytest.fixture(scope="module")
-def tok():
-  return tokenizer.load_tokenizer(tokenizer.installed_minilm_dir())
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-  cfg = {"name": "synthetic_regions", "data_dir": str(tmp_path_factory.mktemp("syn")),
-         "synthetic": dict(SYN)}
-  prepare.ensure_prepared(cfg)
-  return cfg
+# Fixtures `tok` and `data` (a small synthetic_regions split): tests/conftest.py.
 
 
 def _photo(w=500, h=375, seed=0) -> np.ndarray:
