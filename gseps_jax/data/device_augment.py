@@ -30,6 +30,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gseps_jax.data import transforms
+
 AUGMENT_KEYS = ("crop_box", "image_wh", "flip")
 _A = -0.5  # PIL's bicubic
 
@@ -71,8 +73,7 @@ def augment(canvas, crop_box, image_wh, flip, *, image_size: int, mean, std):
   hi = jax.lax.Precision.HIGHEST
   x = _round(jnp.einsum("bsw,bhwc->bhsc", wx, canvas.astype(jnp.float32), precision=hi))
   x = _round(jnp.einsum("bth,bhsc->btsc", wy, x, precision=hi))
-  scale = jnp.asarray([1.0 / (255.0 * v) for v in std], jnp.float32)
-  offset = jnp.asarray([-m / v for m, v in zip(mean, std)], jnp.float32)
+  scale, offset = transforms.normalize_coefficients(mean, std)
   return x * scale + offset
 
 
@@ -89,8 +90,8 @@ def images_from_batch(batch: dict, data_config) -> dict:
 
 
 def image_options(data_config) -> dict:
-  """The static keyword arguments of `augment` from `config.data`."""
-  get = data_config.get
-  return {"image_size": int(get("image_size", 224)),
-          "mean": tuple(float(v) for v in get("mean", (0.485, 0.456, 0.406))),
-          "std": tuple(float(v) for v in get("std", (0.229, 0.224, 0.225)))}
+  """The static keyword arguments of `augment` from `config.data` (defaults: `Preprocess`'s)."""
+  get, pp = data_config.get, transforms.Preprocess
+  return {"image_size": int(get("image_size", pp.image_size)),
+          "mean": tuple(float(v) for v in get("mean", pp.mean)),
+          "std": tuple(float(v) for v in get("std", pp.std))}

@@ -106,10 +106,17 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
   return (width - w) // 2, (height - h) // 2, w, h
 
 
-def normalize(image: np.ndarray, mean, std) -> np.ndarray:
-  """`[..., 3] uint8` -> float32 `(x / 255 - mean) / std`."""
+def normalize_coefficients(mean, std) -> tuple[np.ndarray, np.ndarray]:
+  """float32 `(scale, offset)` with `x * scale + offset == (x / 255 - mean) / std`; shared by the
+  host path (`normalize`) and the device path (`device_augment.augment`)."""
   scale = np.asarray(1.0 / (255.0 * np.asarray(std)), np.float32)
   offset = np.asarray(-np.asarray(mean) / np.asarray(std), np.float32)
+  return scale, offset
+
+
+def normalize(image: np.ndarray, mean, std) -> np.ndarray:
+  """`[..., 3] uint8` -> float32 `(x / 255 - mean) / std`."""
+  scale, offset = normalize_coefficients(mean, std)
   return image.astype(np.float32) * scale + offset
 
 

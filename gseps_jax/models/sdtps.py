@@ -247,6 +247,15 @@ def sdtps_tokens(img: dict, text_cos: Array, *, k: int, selection: str, st_tempe
   return l2_normalize(jnp.concatenate([cls, agg, fused], axis=2))
 
 
+def _word_token_cosines(words: Array, tok: Array, precision) -> Array:
+  """`words [..., L, D]` (normalised) . `tok [..., T, D]` (unnormalised) -> `[..., L, T]`
+  cosines: the raw dots scaled by 1 / max(||token||, eps), as the official L2-normalised tokens
+  (torch F.normalize), without a normalised copy of the tokens."""
+  raw = jnp.einsum("...ld,...td->...lt", words, tok, precision=precision)
+  nsq = jnp.sum(jnp.square(tok), axis=-1)
+  return raw * lax.rsqrt(jnp.maximum(nsq, NORM_EPS * NORM_EPS))[..., None, :]
+
+
 def _gathered_sims(im: dict, text_cos: Array, words: Array, *, k: int, precision) -> Array:
   """`_image_pair_sims` without the CLS columns, contracting over the K kept patches only
   ("official" selection: the same values as the masked softmax over all N patches, up to
@@ -274,9 +283,7 @@ def _gathered_sims(im: dict, text_cos: Array, words: Array, *, k: int, precision
     i, wj, fj, words_j = args
     agg = jnp.einsum("kc,kd->cd", wj, jnp.take(im["x"], i, axis=0), precision=precision)
     tok = jnp.concatenate([agg, fj[None]], axis=0)  # [N_c + 1, D] unnormalised
-    raw = jnp.einsum("ld,td->lt", words_j, tok, precision=precision)
-    return raw * lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(tok), axis=-1),
-                                       NORM_EPS * NORM_EPS))[None, :]
+    return _word_token_cosines(words_j, tok, precision)
 
   return lax.map(one, (idx, w, fused, words))
 
@@ -340,9 +347,7 @@ def _image_pair_sims(im: dict, text_cos: Array, words: Array, *, k: int, selecti
     else:  # zero fused token -> zero similarities, as the official normalised zero token
       a = jnp.pad(w, [(0, 0), (0, 1), (0, 0)])
     tok = jnp.einsum("jtn,nd->jtd", a, im["x"], precision=precision)  # unnormalised
-    nsq = jnp.sum(jnp.square(tok), axis=-1)  # [Tc, T']
-    raw = jnp.einsum("jld,jtd->jlt", words, tok, precision=precision)
-    sims = raw * lax.rsqrt(jnp.maximum(nsq, NORM_EPS * NORM_EPS))[:, None, :]
+    sims = _word_token_cosines(words, tok, precision)
   if im["cls_n"].shape[0] == 0:
     return sims
   cls_sims = jnp.einsum("jld,cd->jlc", words, im["cls_n"], precision=precision)
