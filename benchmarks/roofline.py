@@ -285,10 +285,13 @@ def _seps_head(num_patches: int = IMG_TOKENS - 1):
 
 
 def seps_scoring_cost(n_img: int, n_cap: int, *, tile: tuple[int, int] = (1, 250),
-                      dense_mode: str = "parity") -> dict:
+                      dense_mode: str = "parity", gather_kept: str = "off") -> dict:
   """SEPS all-pairs cost = per-image/per-text preparation (once) + one pair tile x tiles.
 
   Parity mode: every caption has its own (caption-aligned) 90-token dense caption.
+  `gather_kept`: "off" is the accelerator path (gather_kept "auto" is off on GPU/TPU). The CPU's
+  kept-patch gather ("on") loops over the tile's captions and XLA's cost analysis counts a loop
+  body once, so its count is exact only for a tile of one caption.
   """
   head = _seps_head()
   params = jax.eval_shape(lambda: head.init(
@@ -315,11 +318,8 @@ def seps_scoring_cost(n_img: int, n_cap: int, *, tile: tuple[int, int] = (1, 250
   den_t = jax.eval_shape(prep_txt, _sds(nd_t, DENSE_LEN, EMBED),
                          _sds(nd_t, DENSE_LEN, dtype=bool))
   k = sdtps.num_kept(IMG_TOKENS - 1, 0.5)
-  # The accelerator path (gather_kept "auto" is off on GPU/TPU): one contraction over all
-  # patches. (The CPU's kept-patch gather loops over captions, and XLA's cost analysis counts a
-  # loop body once, so its tile would be undercounted here.)
   pair = functools.partial(sdtps.pair_scores, k=k, dense_mode=dense_mode, chunk=None,
-                           gather_kept="off")
+                           gather_kept=gather_kept)
   c_tile = cost_of(pair, img_t, cap_t, den_t)
   prep_flops = c_img["flops"] + c_cap["flops"] + c_den["flops"]
   prep_bytes = c_img["bytes"] + c_cap["bytes"] + c_den["bytes"]

@@ -216,7 +216,11 @@ def bench_score(args, vse, cross_net_mod):
   ratio = m_off / m_ours
   layout = ("caption-aligned (repeated)" if args.repeat_dense else
             f"{ni} distinct, shared via dense_index")
-  flops = _seps_pair_flops(heads, n_tok, l_cap, l_den, d, opt.sparse_ratio)
+  # XLA-counted FLOPs of one prepared image against one caption (sparse + parity dense branch;
+  # the per-item preparation excluded): a 1 x 1 tile runs every loop of the scorer once, so the
+  # count is exact for both variants. Same shapes as here (roofline's IMG_TOKENS, CAP_LEN, ...).
+  flops = {g: roofline.seps_scoring_cost(1, 1, tile=(1, 1), gather_kept=g)["tile_flops"]
+           for g in heads}
   print(f"[score] {ni} images x {nc} captions, dense captions: official {nc} caption-aligned, "
         f"ours {layout}; N_c={net.keeped_patches}, chunk {chunk}:\n"
         f"        official {m_off:.3f} s ({pairs / m_off:,.0f} pairs/s); ours kept-patch gather "
@@ -235,43 +239,38 @@ def bench_score(args, vse, cross_net_mod):
           "chunk": chunk, "repeat_dense": bool(args.repeat_dense)}
 
 
-def _seps_pair_flops(heads, n_tok, l_cap, l_den, d, rho):
-  """XLA-counted FLOPs of scoring one prepared image against one caption (sparse + parity dense
-  branch), per variant; the per-image and per-text preparation (done once, not per pair) is not
-  included. A 1 x 1 pair grid runs every loop of the scorer once, so the count is exact (XLA's
-  cost analysis counts a loop body once, whatever its trip count)."""
-  sds = lambda *s, dt=jnp.float32: jax.ShapeDtypeStruct(s, dt)
-  head = heads["on"]
-  p = jax.eval_shape(lambda: head.init(
-      jax.random.key(0), jnp.zeros((1, n_tok, d)), jnp.zeros((1, l_cap, d)),
-      jnp.ones((1, l_cap), bool), jnp.zeros((1, l_den, d)), jnp.ones((1, l_den), bool)))
-  img = jax.eval_shape(lambda p, x: head.apply(p, x, method=seps_lib.SEPSHead.prepare_images),
-                       p, sds(1, n_tok, d))
-  cap = jax.eval_shape(sdtps.prepare_texts, sds(1, l_cap, d), sds(1, l_cap, dt=bool))
-  den = jax.eval_shape(sdtps.prepare_texts, sds(1, l_den, d), sds(1, l_den, dt=bool))
-  k = sdtps.num_kept(n_tok - 1, rho)
-  return {g: roofline.cost_of(functools.partial(sdtps.pair_scores, k=k, dense_mode="parity",
-                                                chunk=None, gather_kept=g), img, cap, den)["flops"]
-          for g in heads}
-
-
 # ----------------------------------------------------------------------------------------------
-def _official_train(args, vse, vision, text, batch):
+def _official_setup(vse, vision, text, batch):
+  """The official VSEModel (train mode), its optimizer and the batch as torch tensors.
+
+  Returns (opt, model, optimizer, towers, forward): `towers()` runs the three encoders,
+  `forward()` returns the official training loss of the batch."""
   opt = _official.make_opt(max_violation=True)
   torch.manual_seed(0)
   model = _official.build_vse_model(vse, vision, text, opt).to(DEV).train()
   optimizer = vse.create_optimizer(opt, model)
+  t = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind in "iu" else v).to(DEV)
+       for k, v in batch.items() if k != "image"}
   images = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(DEV)  # NCHW
-  ids = torch.from_numpy(batch["input_ids"].astype(np.int64)).to(DEV)
-  lens = torch.from_numpy(batch["_lens"]).to(DEV)
-  dids = torch.from_numpy(batch["dense_ids"].astype(np.int64)).to(DEV)
-  dlens = torch.from_numpy(batch["_dense_lens"]).to(DEV)
-  img_ids = torch.from_numpy(batch["image_index"].astype(np.int64)).to(DEV)
+
+  def towers():
+    return (model.img_enc(images), model.txt_enc(t["input_ids"], t["_lens"]),
+            model.txt_enc(t["dense_ids"], t["_dense_lens"]))
+
+  def forward():
+    return model(images, t["input_ids"], t["_lens"], img_ids=t["image_index"],
+                 warmup_alpha=1.0, long_captions=t["dense_ids"], long_lengths=t["_dense_lens"])[0]
+
+  return opt, model, optimizer, towers, forward
+
+
+def _official_train(args, vse, vision, text, batch):
+  del args
+  opt, model, optimizer, _, forward = _official_setup(vse, vision, text, batch)
 
   def step():  # the body of official train.py:train() for one batch
     optimizer.zero_grad()
-    loss, _ = model(images, ids, lens, img_ids=img_ids, warmup_alpha=1.0, long_captions=dids,
-                    long_lengths=dlens)
+    loss = forward()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
     optimizer.step()
@@ -355,21 +354,7 @@ def bench_train_profile(args, vse):
   vision, text = roofline.reduced_encoders(args.width, args.layers, args.image_size)
   cfg = roofline.train_config("seps", vision, text, batch=args.batch)
   batch = roofline.random_batch(cfg, np.random.default_rng(0), args.batch)
-  opt = _official.make_opt(max_violation=True)
-  torch.manual_seed(0)
-  model = _official.build_vse_model(vse, vision, text, opt).to(DEV).train()
-  optimizer = vse.create_optimizer(opt, model)
-  t = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind in "iu" else v).to(DEV)
-       for k, v in batch.items() if k != "image"}
-  images = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(DEV)
-
-  def towers():
-    return (model.img_enc(images), model.txt_enc(t["input_ids"], t["_lens"]),
-            model.txt_enc(t["dense_ids"], t["_dense_lens"]))
-
-  def forward():
-    return model(images, t["input_ids"], t["_lens"], img_ids=t["image_index"],
-                 warmup_alpha=1.0, long_captions=t["dense_ids"], long_lengths=t["_dense_lens"])[0]
+  opt, model, optimizer, towers, forward = _official_setup(vse, vision, text, batch)
 
   def off(phase):
     def run():
