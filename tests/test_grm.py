@@ -332,6 +332,44 @@ def test_grm_eval_score_equals_weighted_training_forward(tiny_grm):
   assert not np.asarray(txt["key_mask"] & ~batch["attention_mask"]).any()
 
 
+def test_fused_levels_equal_one_kernel_call_per_level(tiny_grm):
+  """`GRM._level_sims` scores ori, key and unc from one cosine block ([V ; U] on the image
+  side, masks widened): values and gradients equal one `token_similarity` call per level,
+  with the training weights (key: both sides, unc: words only)."""
+  from gseps_jax.models.similarity import token_similarity
+  _, model, _, params = tiny_grm
+  rng = np.random.default_rng(3)
+  v = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
+  u = jnp.asarray(rng.normal(size=(3, 2, 16)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(4, 6, 16)), jnp.float32)
+  vm = jnp.ones((3, 5), bool)
+  tm = jnp.arange(6)[None] < jnp.array([6, 3, 1, 4])[:, None]
+  um = jnp.ones((3, 2), bool)
+  w_img = jnp.asarray(rng.integers(0, 2, (3, 5)), jnp.float32).at[:, 0].set(1.0)
+  w_txt = jnp.asarray(rng.integers(0, 2, (4, 6)), jnp.float32).at[:, 0].set(1.0)
+  probe = jnp.asarray(rng.normal(size=(3, 3, 4)), jnp.float32)
+
+  def fused(v, u, t, w_img, w_txt):
+    specs = {"ori": ("v", vm, None, tm, None), "key": ("v", vm, w_img, tm, w_txt),
+             "unc": ("u", um, None, tm, w_txt)}
+    out = model.apply({"params": params}, specs, v, u, t, chunk=2,
+                      method=grm_lib.GRM._level_sims)  # pylint: disable=protected-access
+    return jnp.stack([out[k] for k in ("ori", "key", "unc")])
+
+  def separate(v, u, t, w_img, w_txt):
+    return jnp.stack([token_similarity(v, vm, t, tm),
+                      token_similarity(v, vm, t, tm, x_weight=w_img, y_weight=w_txt),
+                      token_similarity(u, um, t, tm, y_weight=w_txt)])
+
+  args = (v, u, t, w_img, w_txt)
+  np.testing.assert_allclose(fused(*args), separate(*args), rtol=1e-6, atol=1e-6)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(3.0 * f(*a)) * probe)
+  for a, b in zip(jax.grad(loss(fused), argnums=tuple(range(5)))(*args),
+                  jax.grad(loss(separate), argnums=tuple(range(5)))(*args)):
+    assert float(jnp.max(jnp.abs(b))) > 0
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_grm_tiny_training_lowers_the_loss(tiny_grm):
   config, model, batch, params = tiny_grm
   tx = optax.adam(1e-3)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from gseps_jax import losses
 from gseps_jax.models import encoders
 from gseps_jax.models import grm_heads
-from gseps_jax.models.similarity import token_similarity, token_similarity_multi
+from gseps_jax.models.similarity import token_similarity_multi
 
 LEVELS = ("ori", "key", "unc")
 # Ablation switches (benchmarks/grm_ablation.py): off = the component is not built.
@@ -198,8 +198,32 @@ class GRM(nn.Module):
     return dict(direction=self.direction, chunk=chunk or None,
                 compute_dtype=None if dtype == jnp.float32 else dtype)
 
-  def _sim(self, x, xm, y, ym, chunk=None, xw=None, yw=None):
-    return token_similarity(x, xm, y, ym, x_weight=xw, y_weight=yw, **self._kernel_args(chunk))
+  def _level_sims(self, specs: dict, v: jax.Array, u, t: jax.Array, *, chunk=None,
+                  buckets: int = 1) -> dict:
+    """Kernel scores of several levels, one cosine block per token side.
+
+    Args:
+      specs: level -> (side, x_mask, x_weight, y_mask, y_weight): side "v" scores the image
+        tokens `v` `[B, Lv, E]`, side "u" the region tokens `u` `[B, K, E]` against the caption
+        tokens `t`; masks / weights as in `similarity.token_similarity` (weights None or float:
+        the straight-through keep masks in training).
+      v, u, t: image tokens, region tokens (None when no level reads them), caption tokens.
+
+    The levels of one side (ori and key: the same V, T under different masks and weights) share
+    one einsum per tile (`token_similarity_multi`); the values and gradients are those of one
+    `token_similarity` call per level. Appending U to V to share a single block was measured
+    slower: every level's masked reductions then run over Lv + K rows (docs/benchmarks.md).
+    """
+    out = {}
+    for side, x in (("v", v), ("u", u)):
+      names = [k for k, spec in specs.items() if spec[0] == side]
+      if not names:
+        continue
+      _, xms, xws, yms, yws = zip(*(specs[k] for k in names))
+      scores = token_similarity_multi(x, xms, t, yms, x_weights=xws, y_weights=yws,
+                                      buckets=buckets, **self._kernel_args(chunk))
+      out.update(zip(names, scores))
+    return {k: out[k] for k in specs}
 
   def _switch(self, name: str) -> bool:
     """Ablation switch `name` in SWITCHES."""
@@ -316,22 +340,19 @@ class GRM(nn.Module):
   def level_scores(self, img: dict, txt: dict, *, chunk=None, levels=LEVELS) -> dict:
     """level -> `[Ni, Nc]` kernel scores from `encode_images` / `encode_texts` outputs, for the
     requested `levels` ('unc' only when the features have it)."""
-    # Evaluation: ori and key score the same tokens V, T with different masks, so one cosine
-    # block per tile serves both (training weights the tokens instead: separate calls there).
-    # Token-length buckets skip padding (same scores; see `similarity.token_similarity`).
-    kw = dict(self._kernel_args(chunk), buckets=self.eval_buckets)
-    out = {}
-    pairs = [k for k in ("ori", "key") if k in levels]
-    if pairs:
-      mk = {"ori": "ori_mask", "key": "key_mask"}
-      scores = token_similarity_multi(
-          img["ori"], tuple(img[mk[k]] for k in pairs), txt["ori"],
-          tuple(txt[mk[k]] for k in pairs), **kw)
-      out.update(zip(pairs, scores))
+    # Evaluation: ori and key score the same tokens V, T with the padding / keep masks, and unc
+    # scores U against the kept words: one cosine block per tile serves all three
+    # (`_level_sims`). Token-length buckets skip padding (same scores; see
+    # `similarity.token_similarity`).
+    specs = {}
+    if "ori" in levels:
+      specs["ori"] = ("v", img["ori_mask"], None, txt["ori_mask"], None)
+    if "key" in levels:
+      specs["key"] = ("v", img["key_mask"], None, txt["key_mask"], None)
     if "unc" in levels and "unc" in img:
-      out["unc"] = token_similarity(img["unc"], img["unc_mask"], txt["ori"], txt["key_mask"],
-                                    **kw)
-    return out
+      specs["unc"] = ("u", img["unc_mask"], None, txt["key_mask"], None)
+    return self._level_sims(specs, img["ori"], img.get("unc"), txt["ori"], chunk=chunk,
+                            buckets=self.eval_buckets)
 
   def score(self, img_feats: dict, txt_feats: dict, dense_feats=None, *,
             chunk=None) -> jax.Array:
@@ -384,14 +405,14 @@ class GRM(nn.Module):
     # probability). Tokens are V and T themselves: V_hat would zero the dropped tokens, whose
     # best match is what tells the adapter whether keeping them would raise the score.
     w_img, w_txt = im["sa"]["mask"], tx["ga"]["mask"]
-    sims = {}
+    specs = {}
     if "ori" in levels:
-      sims["ori"] = self._sim(im["v"], im["valid"], tx["t"], tx["valid"], chunk)
+      specs["ori"] = ("v", im["valid"], None, tx["valid"], None)
     if "key" in levels:
-      sims["key"] = self._sim(im["v"], im["valid"], tx["t"], tx["valid"], chunk, w_img, w_txt)
+      specs["key"] = ("v", im["valid"], w_img, tx["valid"], w_txt)
     if "unc" in levels:
-      sims["unc"] = self._sim(im["u"], jnp.ones(im["u"].shape[:2], bool), tx["t"], tx["valid"],
-                              chunk, None, w_txt)
+      specs["unc"] = ("u", jnp.ones(im["u"].shape[:2], bool), None, tx["valid"], w_txt)
+    sims = self._level_sims(specs, im["v"], im["u"], tx["t"], chunk=chunk)
     inter = dict(img_tokens=im["v"], img_valid=im["valid"], img_mask=w_img,
                  txt_valid=tx["valid"], txt_mask=w_txt, region_attn=im["attn"],
                  region_means=im["means"], region_stats=im["stats"],

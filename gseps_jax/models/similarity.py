@@ -93,7 +93,18 @@ def _masked_max_mean(s, max_mask, mean_mask, max_axis, max_weight=None, mean_wei
 
   Returns:
     `[cx, cy]`; 0 where either side has no valid token.
+
+  Differentiated by `_max_mean_bwd` (a custom VJP): the winner's index is kept from the forward
+  pass and the cotangent of `s` is one select against it, which XLA fuses into the einsum's
+  backward. Autodiff of `jnp.max` instead builds the tie mask on the full block, counts ties
+  and divides (several passes over `[cx, cy, Lx, Ly]`): in the demo's GRM training step that
+  backward cost 55 ms per level against 15 ms for its forward (docs/benchmarks.md). The one
+  difference: exact ties send the whole cotangent to the first winner instead of splitting it.
   """
+  return _max_mean(max_axis, s, max_mask, mean_mask, max_weight, mean_weight)
+
+
+def _max_mean_parts(max_axis, s, max_mask, mean_mask, max_weight, mean_weight, *, need_index):
   # The mask enters as an additive bias built on the small mask, not as a select on the
   # [cx, cy, Lx, Ly] block. Same values (valid cosines get + 0, exact; invalid ones end below
   # -9998 and never win over a valid one). A tile compiled on its own then reads the block in
@@ -102,17 +113,69 @@ def _masked_max_mean(s, max_mask, mean_mask, max_axis, max_weight=None, mean_wei
   # (docs/performance.md, "Third pass").
   bias = jnp.where(max_mask, 0.0, _NEG).astype(s.dtype)
   if max_weight is None:
-    best = jnp.max(s + bias, axis=max_axis)  # [cx, cy, L]
+    a = s + bias
   else:  # gated: w * (cos + 1) - 1
-    best = jnp.max((s + 1.0) * max_weight.astype(s.dtype) + bias, axis=max_axis) - 1.0
+    a = (s + 1.0) * max_weight.astype(s.dtype) + bias
+  best = jnp.max(a, axis=max_axis)  # [cx, cy, L]
+  if max_weight is not None:
+    best = best - 1.0
+  idx = jnp.argmax(a, axis=max_axis) if need_index else None
   any_max = jnp.any(max_mask, axis=max_axis)  # the max side has >= 1 valid token
+  valid = mean_mask & any_max
   if mean_weight is None:
-    count = jnp.sum(mean_mask, axis=-1)
-    total = jnp.sum(jnp.where(mean_mask & any_max, best, 0.0), axis=-1)
-    return total / jnp.maximum(count, 1).astype(total.dtype)
-  w = jnp.where(mean_mask & any_max, mean_weight.astype(best.dtype), 0.0)
-  den = jnp.sum(w, axis=-1)
-  return jnp.sum(w * best, axis=-1) / jnp.where(den > 0, den, 1.0)
+    w = valid.astype(best.dtype)
+    den = jnp.maximum(jnp.sum(mean_mask, axis=-1), 1).astype(best.dtype)
+  else:
+    w = jnp.where(valid, mean_weight.astype(best.dtype), 0.0)
+    den = jnp.sum(w, axis=-1)
+    den = jnp.where(den > 0, den, 1.0)
+  out = jnp.sum(w * best, axis=-1) / den
+  return out, (idx, best, w, den, valid)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _max_mean(max_axis, s, max_mask, mean_mask, max_weight, mean_weight):
+  return _max_mean_parts(max_axis, s, max_mask, mean_mask, max_weight, mean_weight,
+                         need_index=False)[0]
+
+
+def _max_mean_fwd(max_axis, s, max_mask, mean_mask, max_weight, mean_weight):
+  out, (idx, best, w, den, valid) = _max_mean_parts(
+      max_axis, s, max_mask, mean_mask, max_weight, mean_weight, need_index=True)
+  # The winner's cosine, for the gate's gradient (d best / d w = cos + 1 at the winner).
+  s_at = (None if max_weight is None else
+          jnp.take_along_axis(s, jnp.expand_dims(idx, max_axis), axis=max_axis))
+  # Only arrays: the block's shape follows from idx and max_mask (full length on max_axis).
+  return out, (idx, best, w, den, valid, out, s_at, max_mask, max_weight, mean_weight)
+
+
+def _sum_to(x, shape):
+  """Sums `x` over the axes where `shape` broadcasts (size 1) to give `shape`."""
+  axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+  return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
+
+
+def _max_mean_bwd(max_axis, res, g):
+  idx, best, w, den, valid, out, s_at, max_mask, max_weight, mean_weight = res
+  s_shape = idx.shape[:max_axis] + (max_mask.shape[max_axis],) + idx.shape[max_axis:]
+  g_best = g[..., None] * w / den[..., None]  # d out / d best  [cx, cy, L]
+  winner = lax.broadcasted_iota(idx.dtype, s_shape, max_axis) == jnp.expand_dims(idx, max_axis)
+  g_at = jnp.expand_dims(g_best, max_axis)
+  ds = jnp.where(winner, g_at, 0.0)
+  d_max_w = None
+  if max_weight is not None:
+    gate = max_weight.astype(ds.dtype)
+    ds = ds * gate
+    d_max_w = _sum_to(jnp.where(winner, g_at * (s_at + 1.0), 0.0),
+                      max_weight.shape).astype(max_weight.dtype)
+  d_mean_w = None
+  if mean_weight is not None:  # d out / d w_l = (best_l - out) / den on valid tokens
+    d = jnp.where(valid, g[..., None] * (best - out[..., None]) / den[..., None], 0.0)
+    d_mean_w = _sum_to(d, mean_weight.shape).astype(mean_weight.dtype)
+  return ds, None, None, d_max_w, d_mean_w
+
+
+_max_mean.defvjp(_max_mean_fwd, _max_mean_bwd)
 
 
 def _tile_scores(xt, xms, yt, yms, xws=None, yws=None, *, direction, precision, acc_dtype):
@@ -230,19 +293,26 @@ def token_similarity_multi(x: jax.Array, x_masks: Sequence[jax.Array], y: jax.Ar
                            y_masks: Sequence[jax.Array], *, direction: str = "both",
                            chunk: Chunk = None, compute_dtype: Any = None,
                            precision: Optional[lax.Precision] = None,
-                           buckets: int = 1) -> jax.Array:
+                           buckets: int = 1,
+                           x_weights: Optional[Sequence[Optional[jax.Array]]] = None,
+                           y_weights: Optional[Sequence[Optional[jax.Array]]] = None
+                           ) -> jax.Array:
   """`token_similarity` for several (x_mask, y_mask) pairs over the SAME tokens, sharing one
   cosine block per tile: one einsum, then one masked max/mean reduction per mask pair.
 
-  Equal, value and gradient, to stacking `token_similarity(x, x_masks[m], y, y_masks[m])`.
-  GRM uses it at evaluation only: there its ori and key levels score the same tokens with
-  different masks (in training the key level scores differently built tokens).
+  Equal, value and gradient, to stacking `token_similarity(x, x_masks[m], y, y_masks[m],
+  x_weight=x_weights[m], y_weight=y_weights[m])`. GRM scores all its levels with one call, in
+  training and evaluation: ori and key are the same tokens under different masks/weights, and
+  the unc level's region tokens are appended to the image tokens under a mask of their own
+  (models/grm.py, `GRM._level_sims`).
 
   Args:
     x: `[Bx, Lx, D]`; x_masks: M masks `[Bx, Lx]`.
     y: `[By, Ly, D]`; y_masks: M masks `[By, Ly]`, paired with `x_masks`.
     direction, chunk, compute_dtype, precision, buckets: as in `token_similarity` (the buckets
       follow the union of the masks).
+    x_weights, y_weights: None, or M entries each None or `[B, L]` float token weights (as
+      `token_similarity`'s x_weight / y_weight), paired with the masks.
 
   Returns:
     `[M, Bx, By]` scores.
@@ -253,8 +323,21 @@ def token_similarity_multi(x: jax.Array, x_masks: Sequence[jax.Array], y: jax.Ar
                      f"{len(y_masks)}")
   for xm, ym in zip(x_masks, y_masks):
     _check_inputs(x, xm, y, ym, direction)
+  weights = []
+  for name, ws, ms in (("x_weights", x_weights, x_masks), ("y_weights", y_weights, y_masks)):
+    if ws is not None:
+      ws = tuple(ws)
+      if len(ws) != len(ms):
+        raise ValueError(f"{name} needs one entry (None or [B, L]) per mask: {len(ms)} masks, "
+                         f"{len(ws)} weights")
+      for w, m in zip(ws, ms):
+        if w is not None and w.shape != m.shape:
+          raise ValueError(f"{name}: each weight must be shaped like its mask {m.shape}, "
+                           f"got {w.shape}")
+    weights.append(ws)
   return _all_pairs(x, x_masks, y, y_masks, direction=direction, chunk=chunk,
-                    compute_dtype=compute_dtype, precision=precision, buckets=buckets)
+                    compute_dtype=compute_dtype, precision=precision, buckets=buckets,
+                    x_weights=weights[0], y_weights=weights[1])
 
 
 def _pack_and_sort(t, ms, valid):
