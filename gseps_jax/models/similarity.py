@@ -38,6 +38,11 @@ forward value is exactly the boolean kernel on the kept tokens, and the gradient
 token's keep probability: a dropped token's d score / d w_l = (best_l - mean) / sum w says whether
 adding it would raise the mean. Without weights (evaluation) the boolean path runs unchanged.
 
+Backward pass: the masked max-mean has a custom VJP (`_masked_max_mean`) that keeps each max's
+winner index from the forward pass, so the cotangent of the cosine block is one select (fused
+into the einsum's backward) instead of autodiff's tie-mask passes over the block; an exact tie
+sends the cotangent to the first winner.
+
 `sharded_token_similarity` runs the same kernel under `shard_map` with x split over one mesh axis
 and y over another (or replicated), giving the score matrix sharded `P(x_axis, y_axis)` without
 any communication: every device scores its own block of the pair grid.
