@@ -3,16 +3,22 @@
   python benchmarks/input_pipeline.py [--num_images=96 --batch=32 --steps=8 --canvas=512]
 
 Paths (same records, same seed, same generator stream):
-  host     data.device_augment = False (today's path): decode, RandomResizedCrop as a PIL bicubic
-           box resize, flip, float32 normalise, caption tokenisation + text augmentation, dense
-           caption tokenisation.
-  device   data.device_augment = True: decode into a uint8 canvas + crop box + flip, the same
-           text work; crop/resize/flip/normalise run later in the jitted step (data/
-           device_augment.py), measured separately below.
-  device, no dense   as `device`, dense captions not tokenised (GRM's batches).
+  today    the path before issue 21 (the baseline of its ratios): records through tfds's own
+           data source (its generic feature parser), data.device_augment = False: PIL decode,
+           RandomResizedCrop as a PIL bicubic box resize, flip, float32 normalise, caption
+           tokenisation + text augmentation, dense caption tokenisation.
+  host     data.device_augment = False as shipped now (records through `sources.LeanSource`,
+           dense tokens from the split's token cache, data/token_cache.py).
+  device   data.device_augment = True (the default): records through `LeanSource`, decode
+           (simplejpeg) into a uint8 canvas + crop box + flip, the caption work, dense tokens
+           from the token cache (built once per split before the timing; its one-time cost is
+           printed); crop/resize/flip/normalise run later in the jitted step
+           (data/device_augment.py), measured separately below.
+  device, no dense   as `device`, no dense captions (GRM's batches).
 
 Reported: host images per CPU-second in this process (process_time: the per-core rate,
-independent of other load), wall images/s with 0, 1, 2 grain workers, bytes per example shipped,
+independent of other load; the median of `--reps` repetitions, the paths interleaved within
+each repetition), wall images/s with 0, 1, 2 grain workers, bytes per example shipped,
 the per-stage host profile (ms per image), and the DEVICE augmentation's own cost: ms per batch
 of the jitted function here (on this machine's CPU) and XLA's FLOPs / bytes for it (cost
 analysis), from which its time on an accelerator can be estimated.
@@ -31,9 +37,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ml_collections import ConfigDict
 from PIL import Image
 
-from gseps_jax.data import canvas, device_augment, pipeline, prepare, tokenizer, transforms
+from gseps_jax.data import (canvas, device_augment, pipeline, prepare, token_cache, tokenizer,
+                            transforms)
 
 SHARED_F30K = Path(__file__).resolve().parents[2] / "shared/data/f30k"
 SIZE = 224
@@ -73,12 +81,18 @@ def make_dataset(root: Path, n: int) -> dict:
   return cfg
 
 
-def measure(cfg, tok, pp, *, workers: int, batch: int, steps: int) -> dict:
+def measure(cfg, tok, pp, *, workers: int, batch: int, steps: int, lean: bool = True,
+            dense_tokens=None) -> dict:
   """Wall images/s, images per CPU-second of this process (in-process only, where it is the
-  per-core rate independent of other load) and bytes per example of the batches."""
-  loader = pipeline.TrainLoader(pipeline.open_split(cfg, "train"), tok, pp,
+  per-core rate independent of other load) and bytes per example of the batches. `lean=False`
+  reads the records through tfds's own data source (today's path)."""
+  source = pipeline.open_split(cfg, "train")
+  if not lean:
+    source = source.tfds_source
+  loader = pipeline.TrainLoader(source, tok, pp,
                                 global_batch_size=batch, seed=0, process_index=0,
-                                process_count=1, num_workers=workers, prefetch=2 * workers)
+                                process_count=1, num_workers=workers, prefetch=2 * workers,
+                                dense_tokens=dense_tokens if pp.dense else None)
   try:
     next(loader)  # worker start-up and first batch are not throughput
     t, c = time.perf_counter(), time.process_time()
@@ -102,10 +116,11 @@ def _ms(fn, items) -> float:
   return 1e3 * (time.process_time() - c) / len(items)
 
 
-def stage_profile(cfg, tok, pp, n: int) -> dict:
+def stage_profile(cfg, tok, pp, n: int, tokens) -> dict:
   """ms per image of each host stage, on the first `n` training records."""
   src = pipeline.open_split(cfg, "train")
-  recs = [src[i] for i in range(min(n, len(src)))]
+  idx = list(range(min(n, len(src))))
+  recs = [src[i] for i in idx]
   jpegs = [r["image"] for r in recs]
   imgs = [canvas.decode_image(d, "x") for d in jpegs]
   boxes = [transforms.random_resized_crop_box(np.random.default_rng(i), im.width, im.height,
@@ -126,7 +141,13 @@ def stage_profile(cfg, tok, pp, n: int) -> dict:
   dense = [pipeline.sources.as_text(r["dense_caption"]) for r in recs]
   rng = np.random.default_rng(0)
   return {
-      "decode (full resolution)": _ms(lambda d: canvas.decode_image(d, "x"), jpegs),
+      "record read + parse, tfds data source (today)": _ms(
+          lambda i: src.tfds_source[i], idx),
+      "record read + parse, LeanSource": _ms(lambda i: src[i], idx),
+      "decode (full resolution, PIL; today, host path)": _ms(
+          lambda d: canvas.decode_image(d, "x"), jpegs),
+      "decode into the canvas (simplejpeg; device path)": _ms(
+          lambda d: canvas.decode_to_canvas(d, "x", pp.canvas_size), jpegs),
       "decode with draft 1/2 (reference)": _ms(draft_half, jpegs),
       "crop + bicubic resize (PIL, host path)": _ms(
           lambda a: a[0].resize((SIZE, SIZE), Image.BICUBIC,
@@ -134,10 +155,13 @@ def stage_profile(cfg, tok, pp, n: int) -> dict:
           list(zip(imgs, boxes))),
       "flip + float32 normalise (host path)": _ms(
           lambda a: transforms.normalize(a[:, ::-1], pp.mean, pp.std), resized),
-      "zeroed canvas + paste (device path)": _ms(paste, imgs),
+      "zeroed canvas + paste (part of the line above)": _ms(paste, imgs),
       "caption tokenise + text augmentation": _ms(
           lambda t: tok.encode(t, pp.max_len, rng=rng, aug_prob=pp.text_aug_prob), caps),
-      "dense caption tokenise": _ms(lambda t: tok.encode(t, pp.dense_max_len), dense),
+      "dense caption tokenise (today)": _ms(lambda t: tok.encode(t, pp.dense_max_len), dense),
+      "dense tokens from the token cache (per image, batches of 32)": _ms(
+          lambda i: tokens.lookup(np.arange(i, i + 32) % len(idx), np.zeros(32, bool)),
+          idx[::32]) / 32,
   }
 
 
@@ -168,36 +192,55 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--num_images", type=int, default=96)
   p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--steps", type=int, default=8)
+  p.add_argument("--steps", type=int, default=12)
   p.add_argument("--canvas", type=int, default=512)
   p.add_argument("--workers", type=str, default="0,1,2")
+  p.add_argument("--reps", type=int, default=3, help="in-process repetitions (median)")
   a = p.parse_args()
   tok = tokenizer.load_tokenizer(tokenizer.installed_minilm_dir())
   host = pipeline.Preprocess(image_size=SIZE)
-  paths = {"host (device_augment off)": host,
-           "device": dataclasses.replace(host, device_augment=True, canvas_size=a.canvas),
-           "device, no dense (GRM)": dataclasses.replace(host, device_augment=True,
-                                                         canvas_size=a.canvas, dense=False)}
+  device = dataclasses.replace(host, device_augment=True, canvas_size=a.canvas)
+  paths = {"today (tfds records, host augmentation)": (host, False),
+           "host (device_augment off)": (host, True),
+           "device": (device, True),
+           "device, no dense (GRM)": (dataclasses.replace(device, dense=False), True)}
   workers = [int(w) for w in a.workers.split(",")]
   with tempfile.TemporaryDirectory() as d:
     cfg = make_dataset(Path(d), a.num_images)
+    c = time.process_time()
+    tokens = token_cache.for_split(ConfigDict(dict(cfg, text_cache_dir=str(Path(d) / "tok"))),
+                                   pipeline.open_split(cfg, "train"), "train", tok=tok,
+                                   max_len=host.dense_max_len, flips=host.hflip > 0)
+    print(f"dense token cache (once per split, not in the rates below): "
+          f"{1e3 * (time.process_time() - c) / a.num_images:.2f} CPU-ms per image")
     print("| path | workers | images/s (wall) | host images per CPU-second | bytes/example |")
     print("|---|---|---|---|---|")
-    per_cpu = {}
-    for name, pp in paths.items():
-      for w in workers:
-        m = measure(cfg, tok, pp, workers=w, batch=a.batch, steps=a.steps)
-        if w == 0:
-          per_cpu[name] = m["per_cpu"]
-        print(f"| {name} | {w if w else '0 (in-process)'} | {m['wall']:.0f} | "
-              f"{m['per_cpu']:.0f} | {m['bytes']:,.0f} |", flush=True)
-    if per_cpu:
-      old = per_cpu["host (device_augment off)"]
+    per_cpu = {name: [] for name in paths}
+    if 0 in workers:
+      for _ in range(a.reps):  # interleaved: each repetition runs every path once
+        for name, (pp, lean) in paths.items():
+          m = measure(cfg, tok, pp, workers=0, batch=a.batch, steps=a.steps, lean=lean,
+                      dense_tokens=tokens if lean else None)
+          per_cpu[name].append(m)
+      for name, ms in per_cpu.items():
+        rate = float(np.median([m["per_cpu"] for m in ms]))
+        wall = float(np.median([m["wall"] for m in ms]))
+        each = ", ".join(f"{m['per_cpu']:.0f}" for m in ms)
+        print(f"| {name} | 0 (in-process) | {wall:.0f} | {rate:.0f} ({each}) | "
+              f"{ms[0]['bytes']:,.0f} |", flush=True)
+    for name, (pp, lean) in paths.items():
+      for w in (w for w in workers if w > 0):
+        m = measure(cfg, tok, pp, workers=w, batch=a.batch, steps=a.steps, lean=lean,
+                    dense_tokens=tokens if lean else None)
+        print(f"| {name} | {w} | {m['wall']:.0f} | - | {m['bytes']:,.0f} |", flush=True)
+    if 0 in workers:
+      rates = {n: float(np.median([m["per_cpu"] for m in ms])) for n, ms in per_cpu.items()}
+      old = rates["today (tfds records, host augmentation)"]
       for name in list(paths)[1:]:
-        print(f"ratio new/old of host images per CPU-second, {name}: {per_cpu[name] / old:.2f}x")
+        print(f"ratio new/today of host images per CPU-second, {name}: {rates[name] / old:.2f}x")
     print("\nHost stages, ms per image (process_time):")
-    for stage, ms in stage_profile(cfg, tok, host, a.num_images).items():
-      print(f"  {stage:42s} {ms:6.2f}")
+    for stage, ms in stage_profile(cfg, tok, device, a.num_images, tokens).items():
+      print(f"  {stage:60s} {ms:6.2f}")
   dc = device_cost(a.batch, a.canvas)
   print(f"\nDevice augmentation (jitted, on this machine's {dc['backend']}, NOT host work): "
         f"{dc['ms_per_batch']:.1f} ms per batch of {a.batch} "

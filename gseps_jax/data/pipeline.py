@@ -18,9 +18,11 @@ worker count.
   Batch (local): image [B, H, W, 3] float32 (normalised; with `device_augment` instead a uint8
   canvas [B, C, C, 3] + crop_box [B, 4], image_wh [B, 2] int32, flip [B] bool, made into it by
   data/device_augment.py in the jitted step), input_ids, attention_mask [B, L] int32, dense_ids,
-  dense_mask [B, Ld] int32 (models that tokenise dense captions), image_index [B] int32 (within
-  the split); with cached frozen text features (data/text_cache.py) also text_hidden
-  [B, L, D_text] float16 (and dense_hidden [B, Ld, D_text]).
+  dense_mask [B, Ld] int32 (models that tokenise dense captions; in training read from the
+  split's tokenised dense captions, data/token_cache.py, unless `data.cache_dense_tokens` is
+  off), image_index [B] int32 (within the split); with cached frozen text features
+  (data/text_cache.py) also text_hidden [B, L, D_text] float16 (and dense_hidden
+  [B, Ld, D_text]).
 
 Evaluation (`eval_image_batches`, `eval_caption_batches`): dataset order, no randomness. Global
 batch s covers images (or captions; caption j belongs to image j // 5) [s*G, (s+1)*G); process p
@@ -50,6 +52,7 @@ import numpy as np
 
 from gseps_jax.data import sources
 from gseps_jax.data import text_cache as cache_lib
+from gseps_jax.data import token_cache
 from gseps_jax.data import tokenizer as tokenizer_lib
 from gseps_jax.data import transforms
 # The public names of the pipeline's parts, importable from here as before.
@@ -115,9 +118,11 @@ class _TrainExample:
 
 @dataclasses.dataclass(frozen=True)
 class _CachedFeatures:
-  """Training batch: `caption_choice`/`flipped` -> `text_hidden`/`dense_hidden` from the caches."""
+  """Training batch: `caption_choice`/`flipped` -> `text_hidden`/`dense_hidden` from the feature
+  caches and `dense_ids`/`dense_mask` from the dense token cache."""
   text_cache: Any
   dense_cache: Any
+  dense_tokens: Any = None
 
   def __call__(self, batch: Batch) -> Batch:
     batch = dict(batch)
@@ -126,6 +131,9 @@ class _CachedFeatures:
       batch["text_hidden"] = self.text_cache.lookup(batch["image_index"], choice, flipped)
     if self.dense_cache is not None:
       batch["dense_hidden"] = self.dense_cache.lookup(batch["image_index"], 0 * choice, flipped)
+    if self.dense_tokens is not None:
+      batch["dense_ids"], batch["dense_mask"] = self.dense_tokens.lookup(batch["image_index"],
+                                                                         flipped)
     return batch
 
 
@@ -200,7 +208,7 @@ def _shard(ds: grain.MapDataset, global_batch_size: int, process_index: int,
 
 def train_dataset(source, tok: tokenizer_lib.Tokenizer, pp: transforms.Preprocess, *,
                   global_batch_size: int, seed: int, process_index: int, process_count: int,
-                  text_cache=None, dense_cache=None) -> grain.MapDataset:
+                  text_cache=None, dense_cache=None, dense_tokens=None) -> grain.MapDataset:
   """Endless training batches of this process (element s = step s; see the module docstring).
 
   Args:
@@ -211,6 +219,8 @@ def train_dataset(source, tok: tokenizer_lib.Tokenizer, pp: transforms.Preproces
     process_index, process_count: this process's shard.
     text_cache, dense_cache: `text_cache.TextCache` of the split's captions / dense captions
       (frozen text tower), or None.
+    dense_tokens: `token_cache.TokenCache` of the split's dense captions (with swapped rows when
+      `pp.hflip > 0`), or None to tokenise them per example (when `pp.dense`).
 
   Returns:
     A `grain.MapDataset` of local batches.
@@ -223,13 +233,18 @@ def train_dataset(source, tok: tokenizer_lib.Tokenizer, pp: transforms.Preproces
   if steps_per_epoch == 0:
     raise ValueError(f"global batch size {global_batch_size} exceeds the {n} training images.")
   sources.local_batch_size(global_batch_size, process_count)  # divisible: checked here
-  cached = text_cache is not None or dense_cache is not None
+  if dense_tokens is not None:
+    if not pp.dense:
+      raise ValueError("dense_tokens given for a pipeline that does not tokenise dense captions "
+                       "(Preprocess.dense is False).")
+    pp = dataclasses.replace(pp, dense=False)  # the batch stage adds them
+  cached = text_cache is not None or dense_cache is not None or dense_tokens is not None
   ds = (grain.MapDataset.range(sys.maxsize)
         .map(_Position(seed, n, steps_per_epoch * global_batch_size))
         .map(_TrainRecord(source))
         .map(_TrainExample(pp, tok, int(seed), cached)))
   ds = _shard(ds, global_batch_size, process_index, process_count)
-  return ds.map(_CachedFeatures(text_cache, dense_cache)) if cached else ds
+  return ds.map(_CachedFeatures(text_cache, dense_cache, dense_tokens)) if cached else ds
 
 
 def _eval_steps(num_items: int, global_batch_size: int) -> int:
@@ -304,19 +319,23 @@ class TrainLoader:
   Attributes:
     dataset: the `grain.MapDataset` of this process's batches (`dataset[s]` = step s).
     text_cache, dense_cache: the cached frozen text features the batches carry, or None.
+    dense_tokens: the split's tokenised dense captions the batches carry, or None.
   """
 
   def __init__(self, source, tok: tokenizer_lib.Tokenizer, pp: transforms.Preprocess, *,
                global_batch_size: int, seed: int, start_step: int = 0,
                process_index: int | None = None, process_count: int | None = None,
-               num_workers: int = 0, prefetch: int = 2, text_cache=None, dense_cache=None):
+               num_workers: int = 0, prefetch: int = 2, text_cache=None, dense_cache=None,
+               dense_tokens=None):
     self._it = None
     p, n = process_shard(process_index, process_count)
     self.seed = int(seed)
     self.text_cache, self.dense_cache = text_cache, dense_cache
+    self.dense_tokens = dense_tokens
     self.dataset = train_dataset(source, tok, pp, global_batch_size=int(global_batch_size),
                                  seed=self.seed, process_index=p, process_count=n,
-                                 text_cache=text_cache, dense_cache=dense_cache)
+                                 text_cache=text_cache, dense_cache=dense_cache,
+                                 dense_tokens=dense_tokens)
     self.steps_per_epoch = len(source) // int(global_batch_size)
     self._num_workers, self._prefetch = int(num_workers), int(prefetch)
     self._step = int(start_step)
@@ -330,14 +349,22 @@ class TrainLoader:
     A frozen pretrained text tower's features come from the split's cache (data/text_cache.py,
     built here on first use). `tokenizes_dense` / `uses_dense`: the model's answers (its
     attributes of the same names): whether batches carry tokenised dense captions, and whether
-    the model reads them (only then are their frozen features cached)."""
+    the model reads them (only then are their frozen features cached). Dense captions are
+    tokenised once per split (data/token_cache.py) unless `data.cache_dense_tokens` is off."""
     source = open_split(config.data, split)
     tok = tok or tokenizer_from_config(config)
+    pp = Preprocess.from_config(config.data, dense=tokenizes_dense)
     caches = {"text_cache": cache_lib.for_split(config, source, split, kind="captions",
                                                 train=True, tok=tok),
               "dense_cache": (cache_lib.for_split(config, source, split, kind="dense",
-                                                  train=True, tok=tok) if uses_dense else None)}
-    return cls(source, tok, Preprocess.from_config(config.data, dense=tokenizes_dense),
+                                                  train=True, tok=tok) if uses_dense else None),
+              "dense_tokens": (token_cache.for_split(config.data, source, split, tok=tok,
+                                                     max_len=pp.dense_max_len,
+                                                     flips=pp.hflip > 0)
+                               if token_cache.enabled(config.data,
+                                                      tokenizes_dense=tokenizes_dense)
+                               else None)}
+    return cls(source, tok, pp,
                global_batch_size=global_batch_size, seed=seed, start_step=start_step,
                process_index=process_index, process_count=process_count,
                num_workers=config.data.get("num_workers", 0), **caches)

@@ -89,7 +89,8 @@ class TextCache:
 # Keys and locations.
 
 
-def _file_digest(path: epath.Path) -> str:
+def file_digest(path: epath.Path) -> str:
+  """sha256 hex digest of a file's bytes."""
   h = hashlib.sha256()
   with path.open("rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
@@ -102,7 +103,7 @@ def weights_digest(text_hf_dir: str) -> str:
   takes well under a second)."""
   d = epath.Path(text_hf_dir)
   files = sorted({f.name for pattern in WEIGHT_PATTERNS for f in d.glob(pattern)})
-  parts = [f"{name}:{_file_digest(d / name)}" for name in ["config.json"] + files
+  parts = [f"{name}:{file_digest(d / name)}" for name in ["config.json"] + files
            if (d / name).exists()]
   if not files or len(parts) < 2:
     raise FileNotFoundError(f"No text weight file ({', '.join(WEIGHT_PATTERNS)}) next to a "
@@ -248,16 +249,14 @@ def for_split(config, source, split: str, *, kind: str = "captions",
   if flips:
     texts, flip_rows = with_flips(texts)
   text_dir = config.model.text_hf_dir
-  key = cache_key(weights=weights_digest(text_dir), vocab=_file_digest(epath.Path(tok.source)),
+  key = cache_key(weights=weights_digest(text_dir), vocab=file_digest(epath.Path(tok.source)),
                   max_len=max_len, texts=texts, text_config=hf_import.hf_config(text_dir),
                   flips=flips)
   path = cache_dir(config.data) / f"{config.data.name}_{split}_{kind}_{key}.npy"
   if not path.exists():
-    with _build_lock(path):  # one builder per file; the others wait and read its result
+    with build_lock(path):  # one builder per file; the others wait and read its result
       if not path.exists():
-        for stale in path.parent.glob(f"{path.name}.tmp*"):  # left by a killed builder
-          if time.time() - stale.stat().st_mtime > STALE_S:  # (or an older, lock-less one)
-            stale.unlink()
+        remove_stale(path)
         encoder, params = hf_import.load_hf_encoder(text_dir)
         gb = len(texts) * max_len * int(config.model.text.hidden_size) * 2 / 1e9
         log.info("Caching frozen text features of %s %s %s (%d texts, %.2f GB) in %s.",
@@ -267,8 +266,15 @@ def for_split(config, source, split: str, *, kind: str = "captions",
   return TextCache(path=str(path), offsets=offsets, flip_rows=flip_rows)
 
 
+def remove_stale(path: epath.Path) -> None:
+  """Deletes temporary files of `path` left by a killed builder (or an older, lock-less one)."""
+  for stale in path.parent.glob(f"{path.name}.tmp*"):
+    if time.time() - stale.stat().st_mtime > STALE_S:
+      stale.unlink()
+
+
 @contextlib.contextmanager
-def _build_lock(path: epath.Path):
+def build_lock(path: epath.Path):
   """An exclusive lock on `<path>.lock` (processes on this machine building the same cache)."""
   import fcntl  # pylint: disable=g-import-not-at-top
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,116 @@
+"""Tokenised dense captions, computed once per split and read by every training batch.
+
+A dense caption is fixed per image and is not augmented (only left/right-swapped when its image
+is flipped), so its word pieces never change between epochs. Tokenising it per example cost
+~0.4 ms of host CPU per image (a LLaVA caption is ~80-150 words), a fifth of what the whole
+SEPS input path costs per image (docs/performance.md, "Input pipeline"). This module tokenises
+every dense caption of a split once (and, when the pipeline flips, the swapped version of each
+caption the swap changes) into
+
+  <cache dir>/<dataset>_<split>_dense_tokens_<key>.npy   int32 `[R, L]`, memory-mapped
+
+(the cache dir of `text_cache.cache_dir`), padding stored as -1 so that the mask is `row >= 0`
+whatever the vocabulary's pad id is. `key` hashes the vocabulary file, `max_len`, the texts and
+whether swapped rows are included, so a changed caption or vocabulary gives a new file. Rows are
+addressed like the frozen text features (`text_cache.TextCache`: row offsets per image, the
+swapped row of each text), written to a temporary name and renamed (a reader never sees a
+partial file), one builder per file (the others wait on a lock and read its result).
+
+Training batches then carry `dense_ids`/`dense_mask` looked up by (image index, flipped) at the
+batch level, equal to what per-example tokenisation gives (`tests/test_token_cache.py`);
+`data.cache_dense_tokens = False` tokenises per example as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+from etils import epath
+
+from gseps_jax.data import text_cache
+from gseps_jax.data import tokenizer as tokenizer_lib
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenCache:
+  """Token rows of a split's dense captions (`text_cache.TextCache` addressing, int32 table)."""
+  rows: text_cache.TextCache
+  pad_id: int
+
+  def lookup(self, item, flipped) -> tuple[np.ndarray, np.ndarray]:
+    """(`ids [B, L] int32`, `mask [B, L] int32`) of each `item`'s dense caption (swapped where
+    `flipped`)."""
+    table = self.rows.lookup(item, np.zeros(len(np.asarray(item)), np.int64), flipped)
+    valid = table >= 0
+    return np.where(valid, table, self.pad_id).astype(np.int32), valid.astype(np.int32)
+
+
+def cache_key(*, vocab: str, max_len: int, texts: Sequence[str], flips: bool) -> str:
+  """Hex key of a token file: vocabulary digest, max_len, the texts (in order), flips."""
+  h = hashlib.sha256()
+  h.update(json.dumps({"format": FORMAT_VERSION, "vocab": vocab, "max_len": int(max_len),
+                       "flips": bool(flips)}, sort_keys=True).encode())
+  for t in texts:
+    h.update(t.encode("utf-8"))
+    h.update(b"\0")
+  return h.hexdigest()[:24]
+
+
+def write_tokens(texts: Sequence[str], path, *, tok: tokenizer_lib.Tokenizer, max_len: int,
+                 batch_size: int = 1024) -> None:
+  """Tokenises `texts` into int32 `[len(texts), max_len]` at `path` (padding -1), atomically."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f"{path.name}.tmp{os.getpid()}.npy"
+  try:
+    table = np.lib.format.open_memmap(str(tmp), mode="w+", dtype=np.int32,
+                                      shape=(len(texts), max_len))
+    for start in range(0, len(texts), batch_size):
+      ids, mask = tok.encode_batch(texts[start:start + batch_size], max_len)
+      table[start:start + len(ids)] = np.where(mask > 0, ids, -1)
+    table.flush()
+    del table
+    os.replace(tmp, path)  # local-path-ok: the memory-mapped cache is a local file
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def for_split(data_config, source, split: str, *, tok: tokenizer_lib.Tokenizer, max_len: int,
+              flips: bool) -> TokenCache:
+  """The dense-caption tokens of a split, built if absent (module doc). `flips`: include the
+  left/right-swapped rows (a training split with `data.hflip > 0`)."""
+  texts, offsets = text_cache.split_texts(source, "dense")
+  flip_rows = None
+  if flips:
+    texts, flip_rows = text_cache.with_flips(texts)
+  key = cache_key(vocab=text_cache.file_digest(epath.Path(tok.source)), max_len=max_len,
+                  texts=texts, flips=flips)
+  path = (text_cache.cache_dir(data_config)
+          / f"{data_config.name}_{split}_dense_tokens_{key}.npy")
+  if not path.exists():
+    with text_cache.build_lock(path):
+      if not path.exists():
+        text_cache.remove_stale(path)
+        t0 = time.time()
+        write_tokens(texts, path, tok=tok, max_len=max_len)
+        log.info("Tokenised %d dense captions of %s %s in %.1f s into %s.", len(texts),
+                 data_config.name, split, time.time() - t0, path)
+  return TokenCache(rows=text_cache.TextCache(path=str(path), offsets=offsets,
+                                              flip_rows=flip_rows), pad_id=int(tok.pad_id))
+
+
+def enabled(data_config, *, tokenizes_dense: bool) -> bool:
+  """Whether training batches take their dense tokens from the cache."""
+  return bool(tokenizes_dense) and bool(data_config.get("cache_dense_tokens", True))
