@@ -192,7 +192,7 @@ def make_config(name: str, args):
 
   from configs import grm_vit, laps_vit, seps_vit  # pylint: disable=g-import-not-at-top
   mod = {"seps": seps_vit, "laps": laps_vit}.get(name, grm_vit)
-  c = mod.get_config("demo")
+  c = mod.get_config(",".join(["demo"] + ([args.variant] if args.variant else [])))
   if name in ("pooled", "tokens"):
     c.model.name = name
     c.model[name] = ml_collections.ConfigDict(dict(level_weights={"ori": 1.0}))
@@ -300,6 +300,8 @@ def main(argv=None) -> int:
   p.add_argument("--time_horizon", type=int, default=0,
                  help="cosine horizon of the time regime (0: from the model's steps run)")
   p.add_argument("--batch_size", type=int, default=0, help="0: the demo's")
+  p.add_argument("--variant", default="", help="extra config variant appended to 'demo', e.g. "
+                 "'direction=y2x' (GRM head fields; applies to every model's config file)")
   p.add_argument("--num_train", type=int, default=0, help="0: the demo's generated train size")
   p.add_argument("--num_test", type=int, default=0, help="0: the demo's generated test size")
   p.add_argument("--data_dir", default="data_cache/tfds")

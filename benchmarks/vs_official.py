@@ -49,6 +49,10 @@ def _parse(argv=None):
   p.add_argument("--threads", type=int, default=0, help="CPU threads for both sides (0 = all "
                  "CPUs this process may use)")
   p.add_argument("--reps", type=int, default=3, help="timed repetitions per side (interleaved)")
+  p.add_argument("--cpu_devices", type=int, default=1, help="score: XLA CPU devices for ours "
+                 "(> 1: XLA_FLAGS --xla_force_host_platform_device_count, image rows scored per "
+                 "device under shard_map as the evaluator does; the official side is unchanged). "
+                 "Use with --only score: the other sections are measured on one device")
   p.add_argument("--images", type=int, default=128, help="score: images")
   p.add_argument("--captions", type=int, default=640, help="score: captions (each with a dense "
                  "caption, parity mode)")
@@ -80,6 +84,9 @@ if ARGS is not None:
     os.sched_setaffinity(0, _cpus)
   for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_v] = str(len(_cpus))
+  if ARGS.cpu_devices > 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                               f"device_count={ARGS.cpu_devices}").strip()
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import jax
@@ -197,6 +204,18 @@ def bench_score(args, vse, cross_net_mod):
     scorers = {g: jax.jit(lambda p, *a, h=h: h.apply({"params": p}, *a[:5], chunk=chunk,
                                                        dense_index=a[5]))
                for g, h in heads.items()}
+  ndev = jax.device_count()
+  if ndev > 1:  # as the evaluator: each device scores its rows of images against every caption
+    if ni % ndev:
+      raise SystemExit(f"--images {ni} must be divisible by the {ndev} CPU devices.")
+    from jax.sharding import Mesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    mesh = Mesh(np.asarray(jax.devices()), ("rows",))
+    rows = P("rows")
+    specs = (P(), rows) + (P(),) * (len(j_args) - 1)  # params, images; texts replicated
+    scorers = {g: jax.jit(jax.shard_map(
+        lambda p, *a, h=h: (h.apply({"params": p}, *a, chunk=chunk) if args.repeat_dense else
+                            h.apply({"params": p}, *a[:5], chunk=chunk, dense_index=a[5])),
+        mesh=mesh, in_specs=specs, out_specs=rows, check_vma=False)) for g, h in heads.items()}
   runs = {g: (lambda f=f: f(params, *j_args).block_until_ready()) for g, f in scorers.items()}
   auto = "on" if sdtps.gather_kept_default("auto", "official") else "off"
 
@@ -214,6 +233,7 @@ def bench_score(args, vse, cross_net_mod):
   med = {k: float(np.median(t)) for k, t in zip(("official", "on", "off"), times)}
   m_off, m_ours = med["official"], med[auto]
   ratio = m_off / m_ours
+  per_device = " (image rows per device, shard_map)" if ndev > 1 else ""
   layout = ("caption-aligned (repeated)" if args.repeat_dense else
             f"{ni} distinct, shared via dense_index")
   # XLA-counted FLOPs of one prepared image against one caption (sparse + parity dense branch;
@@ -222,7 +242,8 @@ def bench_score(args, vse, cross_net_mod):
   flops = {g: roofline.seps_scoring_cost(1, 1, tile=(1, 1), gather_kept=g)["tile_flops"]
            for g in heads}
   print(f"[score] {ni} images x {nc} captions, dense captions: official {nc} caption-aligned, "
-        f"ours {layout}; N_c={net.keeped_patches}, chunk {chunk}:\n"
+        f"ours {layout}; N_c={net.keeped_patches}, chunk {chunk}, ours on {ndev} XLA "
+        f"{jax.default_backend()} device(s){per_device}:\n"
         f"        official {m_off:.3f} s ({pairs / m_off:,.0f} pairs/s); ours kept-patch gather "
         f"{med['on']:.3f} s ({pairs / med['on']:,.0f} pairs/s, {m_off / med['on']:.2f}x, "
         f"{flops['on'] / 1e6:.1f} MFLOP per image-caption pair); ours all patches "
@@ -236,7 +257,7 @@ def bench_score(args, vse, cross_net_mod):
           "gather_kept_auto": auto, "ratio_gather": m_off / med["on"],
           "ratio_all_patches": m_off / med["off"], "flops_per_pair": flops,
           "pairs_per_s_official": pairs / m_off, "pairs_per_s_ours": pairs / m_ours,
-          "chunk": chunk, "repeat_dense": bool(args.repeat_dense)}
+          "chunk": chunk, "repeat_dense": bool(args.repeat_dense), "devices": ndev}
 
 
 # ----------------------------------------------------------------------------------------------
