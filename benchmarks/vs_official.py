@@ -195,14 +195,17 @@ def bench_score(args, vse, cross_net_mod):
   # masked softmax ("off"); "auto" picks one per backend (sdtps.gather_kept_default).
   heads = {g: seps_lib.SEPSHead(num_aggregated=net.keeped_patches, rho=opt.sparse_ratio,
                                 dense_mode="parity", gather_kept=g) for g in ("on", "off")}
+  # As the evaluation path (`SEPS.score`) calls the head: no gradient, 4 captions per iteration
+  # of the kept-patch loop.
+  opts = dict(chunk=chunk, gather_batch=sdtps.EVAL_GATHER_BATCH)
   if args.repeat_dense:  # ours on the official caption-aligned layout (no sharing)
     j_args = [jnp.asarray(a) for a in (img, cap, cap_mask, den[cap_img], den_mask[cap_img])]
-    scorers = {g: jax.jit(lambda p, *a, h=h: h.apply({"params": p}, *a, chunk=chunk))
+    scorers = {g: jax.jit(lambda p, *a, h=h: h.apply({"params": p}, *a, **opts))
                for g, h in heads.items()}
   else:
     j_args = [jnp.asarray(a) for a in (img, cap, cap_mask, den, den_mask, cap_img)]
-    scorers = {g: jax.jit(lambda p, *a, h=h: h.apply({"params": p}, *a[:5], chunk=chunk,
-                                                       dense_index=a[5]))
+    scorers = {g: jax.jit(lambda p, *a, h=h: h.apply({"params": p}, *a[:5], dense_index=a[5],
+                                                       **opts))
                for g, h in heads.items()}
   ndev = jax.device_count()
   if ndev > 1:  # as the evaluator: each device scores its rows of images against every caption
@@ -213,8 +216,8 @@ def bench_score(args, vse, cross_net_mod):
     rows = P("rows")
     specs = (P(), rows) + (P(),) * (len(j_args) - 1)  # params, images; texts replicated
     scorers = {g: jax.jit(jax.shard_map(
-        lambda p, *a, h=h: (h.apply({"params": p}, *a, chunk=chunk) if args.repeat_dense else
-                            h.apply({"params": p}, *a[:5], chunk=chunk, dense_index=a[5])),
+        lambda p, *a, h=h: (h.apply({"params": p}, *a, **opts) if args.repeat_dense else
+                            h.apply({"params": p}, *a[:5], dense_index=a[5], **opts)),
         mesh=mesh, in_specs=specs, out_specs=rows, check_vma=False)) for g, h in heads.items()}
   runs = {g: (lambda f=f: f(params, *j_args).block_until_ready()) for g, f in scorers.items()}
   auto = "on" if sdtps.gather_kept_default("auto", "official") else "off"

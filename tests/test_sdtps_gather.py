@@ -35,6 +35,12 @@ def test_gather_equals_all_patches_and_reference(mode, lv, rho, chunk):
   for g in ("on", "off"):
     out[g] = np.asarray(jax.jit(functools.partial(_head(mode, rho, g).apply, chunk=chunk))(
         {"params": _f32(params)}, *args))
+  # The evaluation path's loop batching (4 captions per iteration; tiles of 3 or 6 captions,
+  # so a remainder too) gives the same scores.
+  batched = np.asarray(jax.jit(functools.partial(
+      _head(mode, rho, "on").apply, chunk=chunk, gather_batch=sdtps.EVAL_GATHER_BATCH))(
+          {"params": _f32(params)}, *args))
+  np.testing.assert_allclose(batched, out["on"], atol=1e-6, rtol=0)
   np.testing.assert_allclose(out["on"], out["off"], atol=2e-6, rtol=0)
   want = ref.seps_scores(img, cap, cl, den, dl, _ref_params(params["aggr_net"]), rho, mode=mode)
   np.testing.assert_allclose(out["on"], want, atol=1e-5, rtol=0)

@@ -262,10 +262,16 @@ def _word_token_cosines(words: Array, tok: Array, precision) -> Array:
   return raw * lax.rsqrt(jnp.maximum(nsq, NORM_EPS * NORM_EPS))[..., None, :]
 
 
-GATHER_CAPTIONS_PER_STEP = 4  # `_gathered_sims`: captions per iteration of its loop
+# `_gathered_sims`: captions per iteration of its loop when scoring without gradients (the
+# evaluator, `SEPS.score`). The per-iteration work of one caption (~5 MFLOP of small GEMMs) is
+# near the loop's own per-iteration cost on CPU: 4 per iteration measured ~8% faster at 1 thread
+# and ~15% at 2. Under autodiff (training) batching made the step ~20% slower, so training
+# keeps 1 (docs/performance.md, session 29).
+EVAL_GATHER_BATCH = 4
 
 
-def _gathered_sims(im: dict, text_cos: Array, words: Array, *, k: int, precision) -> Array:
+def _gathered_sims(im: dict, text_cos: Array, words: Array, *, k: int, precision,
+                   batch: int = 1) -> Array:
   """`_image_pair_sims` without the CLS columns, contracting over the K kept patches only
   ("official" selection: the same values as the masked softmax over all N patches, up to
   summation order).
@@ -274,7 +280,8 @@ def _gathered_sims(im: dict, text_cos: Array, words: Array, *, k: int, precision
   multiply-adds instead of N_c * N * D, about half at rho = 0.5) and dot the caption's words with
   the pair's tokens, so the gathered `[K, D]` block and the `[N_c + 1, D]` tokens stay in cache.
   The fused tokens are one plain GEMM over all patches for the tile (their weights are 0 on the
-  kept ones). Returns `[Tc, L, N_c + 1]`.
+  kept ones). `batch`: captions per loop iteration (`EVAL_GATHER_BATCH` for scoring). Returns
+  `[Tc, L, N_c + 1]`.
   """
   score = im["self_attn"][None, :] + text_cos  # [Tc, N]
   n = score.shape[-1]
@@ -294,10 +301,7 @@ def _gathered_sims(im: dict, text_cos: Array, words: Array, *, k: int, precision
     tok = jnp.concatenate([agg, fj[None]], axis=0)  # [N_c + 1, D] unnormalised
     return _word_token_cosines(words_j, tok, precision)
 
-  # Four captions per loop iteration: the per-iteration work of one caption (~1 MFLOP of small
-  # GEMMs) is near the loop's own per-iteration cost on CPU; batching 4 measured ~8% faster at
-  # 1 thread and ~15% at 2 (docs/performance.md, session 29).
-  return lax.map(one, (idx, w, fused, words), batch_size=GATHER_CAPTIONS_PER_STEP)
+  return lax.map(one, (idx, w, fused, words), batch_size=batch if batch > 1 else None)
 
 
 GATHER_KEPT = ("auto", "on", "off")
@@ -324,7 +328,7 @@ def gather_kept_default(setting: str, selection: str) -> bool:
 
 def _image_pair_sims(im: dict, text_cos: Array, words: Array, *, k: int, selection: str,
                      st_temperature: float, precision=lax.Precision.HIGHEST,
-                     gather: bool = False) -> Array:
+                     gather: bool = False, gather_batch: int = 1) -> Array:
   """Word . token cosines of ONE image against a tile of captions (per-pair selection).
 
   Every final token but the CLS is a combination of patches: aggregated c = sum_n w[c, n] x_n,
@@ -344,13 +348,14 @@ def _image_pair_sims(im: dict, text_cos: Array, words: Array, *, k: int, selecti
     text_cos: [Tc, N] cos(x_n, guide-text mean), guide j aligned with words j.
     words: [Tc, L, D] normalised words.
     gather: contract over the kept patches only (`_gathered_sims`; "official" selection).
+    gather_batch: captions per iteration of the gathered loop (`_gathered_sims`'s `batch`).
   Returns:
     [Tc, L, C + N_c + 1] cosines word . normalised token, tokens [CLS?, aggregated, fused].
   """
   if gather:
     if selection != "official":
       raise ValueError("gather=True needs the 'official' selection (see gather_kept_default).")
-    sims = _gathered_sims(im, text_cos, words, k=k, precision=precision)
+    sims = _gathered_sims(im, text_cos, words, k=k, precision=precision, batch=gather_batch)
   else:
     w, f = _selection_weights(im["self_attn"], im["logits_t"], text_cos, k=k,
                               selection=selection, st_temperature=st_temperature)
@@ -383,7 +388,7 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
                 chunk: Union[None, int, Sequence[int]] = None,
                 precision=lax.Precision.HIGHEST,
                 dense_index: Optional[Array] = None,
-                gather_kept: str = "auto") -> Array:
+                gather_kept: str = "auto", gather_batch: int = 1) -> Array:
   """All-pairs SEPS scores, tiled over the pair grid.
 
   Args:
@@ -401,6 +406,8 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
     gather_kept: "on": per-pair branches contract over the K kept patches only; "off": over all
       N with a masked softmax; "auto": see `gather_kept_default`. Same scores either way, up to
       summation order, and the same gradients.
+    gather_batch: captions per iteration of the gathered loop: `EVAL_GATHER_BATCH` where no
+      gradient is taken (faster on CPU), 1 in training (batching slows the backward pass).
   Returns:
     [Ni, Nc] float32 scores (row = image, column = caption).
   """
@@ -424,7 +431,8 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
     # the distinct dense captions only. s + d is the sum the single pass computes (0 + s + d).
     one_branch = functools.partial(pair_scores, k=k, use_sparse=True, use_dense=False,
                                    selection=selection, st_temperature=st_temperature,
-                                   chunk=chunk, precision=precision, gather_kept=gather_kept)
+                                   chunk=chunk, precision=precision, gather_kept=gather_kept,
+                                   gather_batch=gather_batch)
     d = jnp.take(one_branch(img, dense), dense_index, axis=1)
     return one_branch(img, cap) + d if use_sparse else d
   if use_dense:
@@ -452,7 +460,8 @@ def pair_scores(img: dict, cap: dict, dense: Optional[dict] = None, *, k: int,
 
     def per_pair_branch(o, txt):  # guide and aligned words both from the caption-aligned text
       cos_j = jnp.einsum("nd,jd->jn", o["xn"], txt["glo"], precision=precision)
-      sims = _image_pair_sims(o, cos_j, txt["words"], gather=gather, **sel)
+      sims = _image_pair_sims(o, cos_j, txt["words"], gather=gather, gather_batch=gather_batch,
+                              **sel)
       return hrpa_from_sims(sims, txt["mask"])
 
     def image(o):  # -> [Tc]

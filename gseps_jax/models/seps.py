@@ -129,7 +129,7 @@ class SEPSHead(HeadSettings):
   def __call__(self, img_tokens: Array, cap_tokens: Array, cap_mask: Array,
                dense_tokens: Optional[Array] = None, dense_mask: Optional[Array] = None, *,
                dense_mode: Optional[str] = None, chunk=None,
-               dense_index: Optional[Array] = None) -> Array:
+               dense_index: Optional[Array] = None, gather_batch: int = 1) -> Array:
     """Scores every (image, caption) pair.
 
     Args:
@@ -141,6 +141,8 @@ class SEPSHead(HeadSettings):
       chunk: pair tile, see `pair_scores`.
       dense_index: parity mode: [Nc] row of caption j's dense caption in `dense_tokens`, which
         then holds each distinct dense caption once (see `pair_scores`).
+      gather_batch: captions per iteration of the kept-patch loop (see `pair_scores`; the
+        evaluation path `SEPS.score` passes `sdtps.EVAL_GATHER_BATCH`).
     Returns:
       [Ni, Nc] scores.
     """
@@ -157,7 +159,7 @@ class SEPSHead(HeadSettings):
         use_dense=self.use_dense, dense_mode=dense_mode or self.dense_mode,
         selection=self.selection, st_temperature=self.st_temperature, chunk=chunk,
         precision=sdtps.PRECISIONS[self.precision], dense_index=dense_index,
-        gather_kept=self.gather_kept)
+        gather_kept=self.gather_kept, gather_batch=gather_batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,4 +378,5 @@ class SEPS(HeadSettings, kw_only=True):
       if d_tok is not None:
         d_tok, d_mask = sdtps.parity_text_cut(d_tok, d_mask, self.eval_text_cut)
     return self.cross_net(img_feats["tokens"], cap_tok, cap_mask, d_tok, d_mask,
-                          dense_mode=mode, chunk=chunk, dense_index=dense_index)
+                          dense_mode=mode, chunk=chunk, dense_index=dense_index,
+                          gather_batch=sdtps.EVAL_GATHER_BATCH)
