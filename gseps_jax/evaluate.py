@@ -44,6 +44,10 @@ _OUT = flags.DEFINE_string("out", None, "Output directory (default: CHECKPOINT w
 _SAVE = flags.DEFINE_bool("save_scores", False, "Also write the score matrix as scores.npy.")
 _CHUNK = flags.DEFINE_integer("chunk", None, "Pair tile size (default: config eval.chunk).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "CPU only: split the CPU into this many XLA devices (e.g. the core count). "
+    "The scorer's image rows then run on every device at once: XLA runs the SEPS/GRM scorers' "
+    "small per-pair loops on one core per device. 0 = JAX's default (one CPU device).")
 
 
 def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode=None, out=None,
@@ -69,7 +73,8 @@ def evaluate_checkpoint(path, *, split="test", protocol=None, dense_mode=None, o
             "model": config.model.name,
             "dense_mode": ev.dense_mode if ev.uses_dense else None,
             "trained_dense_mode": trained_mode if ev.uses_dense else None,
-            "timings": {"encode_s": m["encode_seconds"], "score_s": m["score_seconds"]}}
+            "timings": {"encode_s": m["encode_seconds"], "score_s": m["score_seconds"]},
+            "devices": jax.device_count()}
   if dense_shuffle:
     result["leak_audit"] = ev.leak_audit(params, seed=dense_shuffle_seed)
   if jax.process_index() == 0:
@@ -92,6 +97,11 @@ def main(argv):
     raise cli.UserError(f"--chunk={_CHUNK.value} is invalid: expected a positive pair tile size.")
   if _SPLIT.value not in ("train", "dev", "test"):
     raise cli.UserError(f"--split={_SPLIT.value} is invalid: expected train, dev or test.")
+  if _CPU_DEVICES.value < 0:
+    raise cli.UserError(f"--cpu_devices={_CPU_DEVICES.value} is invalid: expected 0 (JAX's "
+                        "default) or a number of CPU devices.")
+  if _CPU_DEVICES.value > 0:  # before anything starts a JAX backend
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   # Paths resolved once here: orbax refuses relative ones.
   path, out = fileio.resolve_path(_CKPT.value), fileio.resolve_path(_OUT.value)
   data_dir = fileio.resolve_path(_DATA_DIR.value)

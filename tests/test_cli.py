@@ -96,6 +96,21 @@ def test_evaluate_and_export_take_relative_paths(trained):
   assert (cwd / "exported" / "vision_encoder" / "config.json").is_file()
 
 
+def test_evaluate_on_two_cpu_devices_scores_the_same(trained):
+  cwd, _ = trained
+  res = {}
+  for n in (0, 2):
+    r = run_cli("gseps_jax.evaluate", "--checkpoint=run", f"--out=eval_dev{n}",
+                f"--cpu_devices={n}", cwd=cwd)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res[n] = json.loads((cwd / f"eval_dev{n}" / "results.json").read_text())
+  assert res[0]["devices"] == 1 and res[2]["devices"] == 2
+  for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum", "i2t_meanr", "t2i_meanr"):
+    assert res[2]["metrics"][k] == pytest.approx(res[0]["metrics"][k]), k
+  assert_user_error(run_cli("gseps_jax.evaluate", "--checkpoint=run", "--cpu_devices=-1",
+                            cwd=cwd), "--cpu_devices=-1")
+
+
 def _tree(root):
   return sorted((str(p.relative_to(root)), p.stat().st_size if p.is_file() else -1)
                 for p in root.rglob("*"))
