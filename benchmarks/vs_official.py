@@ -148,6 +148,20 @@ def _pair(s):
   return (a[0], a[0]) if len(a) == 1 else (a[0], a[1])
 
 
+def _rows_per_device(fn, sharded, num_rows, flag):
+  """`fn` under jit(shard_map) over all devices, as the evaluator scores: the arguments marked
+  in `sharded` are split by rows (images) over the devices, the others replicated; the output's
+  rows are split alike."""
+  from jax.sharding import Mesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  ndev = jax.device_count()
+  if num_rows % ndev:
+    raise SystemExit(f"{flag} {num_rows} must be divisible by the {ndev} CPU devices.")
+  rows = P("rows")
+  return jax.jit(jax.shard_map(fn, mesh=Mesh(np.asarray(jax.devices()), ("rows",)),
+                               in_specs=tuple(rows if s else P() for s in sharded),
+                               out_specs=rows, check_vma=False))
+
+
 def _verdict(ratio, target):
   return f"{'MET' if ratio >= target else 'MISSED'} (target >= {target:g}x, got {ratio:.2f}x)"
 
@@ -208,17 +222,12 @@ def bench_score(args, vse, cross_net_mod):
                                                        **opts))
                for g, h in heads.items()}
   ndev = jax.device_count()
-  if ndev > 1:  # as the evaluator: each device scores its rows of images against every caption
-    if ni % ndev:
-      raise SystemExit(f"--images {ni} must be divisible by the {ndev} CPU devices.")
-    from jax.sharding import Mesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-    mesh = Mesh(np.asarray(jax.devices()), ("rows",))
-    rows = P("rows")
-    specs = (P(), rows) + (P(),) * (len(j_args) - 1)  # params, images; texts replicated
-    scorers = {g: jax.jit(jax.shard_map(
+  if ndev > 1:  # params replicated, images split, texts replicated
+    sharded = (False, True) + (False,) * (len(j_args) - 1)
+    scorers = {g: _rows_per_device(
         lambda p, *a, h=h: (h.apply({"params": p}, *a, **opts) if args.repeat_dense else
                             h.apply({"params": p}, *a[:5], dense_index=a[5], **opts)),
-        mesh=mesh, in_specs=specs, out_specs=rows, check_vma=False)) for g, h in heads.items()}
+        sharded, ni, "--images") for g, h in heads.items()}
   runs = {g: (lambda f=f: f(params, *j_args).block_until_ready()) for g, f in scorers.items()}
   auto = "on" if sdtps.gather_kept_default("auto", "official") else "off"
 
@@ -491,14 +500,8 @@ def bench_grm(args):
   jx, jxm, jy, jym = (jnp.asarray(a) for a in (x, xm, y, ym))
   kernel = functools.partial(similarity.token_similarity, chunk=chunk, buckets=args.grm_buckets)
   ndev = jax.device_count()
-  if ndev > 1:  # as the evaluator: each device scores its rows of images against every caption
-    if ni % ndev:
-      raise SystemExit(f"--grm_images {ni} must be divisible by the {ndev} CPU devices.")
-    from jax.sharding import Mesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-    rows = P("rows")
-    kernel = jax.jit(jax.shard_map(kernel, mesh=Mesh(np.asarray(jax.devices()), ("rows",)),
-                                   in_specs=(rows, rows, P(), P()), out_specs=rows,
-                                   check_vma=False))
+  if ndev > 1:  # image tokens and masks split, captions replicated
+    kernel = _rows_per_device(kernel, (True, True, False, False), ni, "--grm_images")
 
   def ours_run():
     return kernel(jx, jxm, jy, jym).block_until_ready()

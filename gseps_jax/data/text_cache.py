@@ -116,10 +116,15 @@ def cache_key(*, weights: str, vocab: str, max_len: int, texts: Sequence[str],
               text_config: dict | None = None, flips: bool = False) -> str:
   """Hex key of a feature file: weights digest, vocabulary digest, max_len, text config, the
   texts (in order) and whether swapped rows are included."""
+  return texts_key({"format": FORMAT_VERSION, "weights": weights, "vocab": vocab,
+                    "max_len": int(max_len), "flips": bool(flips),
+                    "text_config": text_config or {}}, texts)
+
+
+def texts_key(header: dict, texts: Sequence[str]) -> str:
+  """24 hex digits of sha256 over `header` (JSON, sorted keys) and the texts in order."""
   h = hashlib.sha256()
-  h.update(json.dumps({"format": FORMAT_VERSION, "weights": weights, "vocab": vocab,
-                       "max_len": int(max_len), "flips": bool(flips),
-                       "text_config": text_config or {}}, sort_keys=True).encode())
+  h.update(json.dumps(header, sort_keys=True).encode())
   for t in texts:
     h.update(t.encode("utf-8"))
     h.update(b"\0")
@@ -155,15 +160,12 @@ def compute_features(texts: Sequence[str], path, *, encoder, params, tok, max_le
   embeddings are absolute), and the models read only valid positions (`attention_mask`)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   apply = jax.jit(lambda p, i, m: encoder.apply({"params": p}, i, m, train=False))
-  tmp = path.parent / f"{path.name}.tmp{os.getpid()}.npy"
   n = len(texts)
   batch_size = max(1, min(batch_size, n))
   table = None
   t0 = time.time()
-  try:
+  with atomic_npy(path) as tmp:
     lengths = np.array([len(x) for x in texts])  # characters: a cheap proxy for the order
     order = np.argsort(lengths, kind="stable")
     for done_before in range(0, n, batch_size):
@@ -188,10 +190,32 @@ def compute_features(texts: Sequence[str], path, *, encoder, params, tok, max_le
             end="" if done < n else "\n", file=sys.stderr, flush=True)
     table.flush()
     del table
-    os.replace(tmp, path)  # local-path-ok: the memory-mapped cache is a local file
+
+
+@contextlib.contextmanager
+def atomic_npy(path):
+  """Yields a temporary `.npy` path beside `path`; renamed to `path` when the block completes,
+  deleted if it raises, so a reader never sees a partial file."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f"{path.name}.tmp{os.getpid()}.npy"
+  try:
+    yield tmp
+    os.replace(tmp, path)  # local-path-ok: the memory-mapped caches are local files
   finally:
     if tmp.exists():
       tmp.unlink()
+
+
+def build_once(path: epath.Path, build) -> None:
+  """Calls `build()` to write `path` unless it exists: one builder per file among the processes
+  of this machine (the others wait on its lock and find the file), stale temporaries of killed
+  builders removed first."""
+  if not path.exists():
+    with build_lock(path):
+      if not path.exists():
+        remove_stale(path)
+        build()
 
 
 def split_texts(source, kind: str, *, chunk: int = 1000) -> tuple[list[str], np.ndarray]:
@@ -253,16 +277,15 @@ def for_split(config, source, split: str, *, kind: str = "captions",
                   max_len=max_len, texts=texts, text_config=hf_import.hf_config(text_dir),
                   flips=flips)
   path = cache_dir(config.data) / f"{config.data.name}_{split}_{kind}_{key}.npy"
-  if not path.exists():
-    with build_lock(path):  # one builder per file; the others wait and read its result
-      if not path.exists():
-        remove_stale(path)
-        encoder, params = hf_import.load_hf_encoder(text_dir)
-        gb = len(texts) * max_len * int(config.model.text.hidden_size) * 2 / 1e9
-        log.info("Caching frozen text features of %s %s %s (%d texts, %.2f GB) in %s.",
-                 config.data.name, split, kind, len(texts), gb, path)
-        compute_features(texts, path, encoder=encoder, params=params, tok=tok, max_len=max_len,
-                         desc=f"frozen text features, {split} {kind}")
+
+  def build():
+    encoder, params = hf_import.load_hf_encoder(text_dir)
+    gb = len(texts) * max_len * int(config.model.text.hidden_size) * 2 / 1e9
+    log.info("Caching frozen text features of %s %s %s (%d texts, %.2f GB) in %s.",
+             config.data.name, split, kind, len(texts), gb, path)
+    compute_features(texts, path, encoder=encoder, params=params, tok=tok, max_len=max_len,
+                     desc=f"frozen text features, {split} {kind}")
+  build_once(path, build)
   return TextCache(path=str(path), offsets=offsets, flip_rows=flip_rows)
 
 

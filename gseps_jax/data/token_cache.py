@@ -24,10 +24,7 @@ batch level, equal to what per-example tokenisation gives (`tests/test_token_cac
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
 import time
 from typing import Sequence
 
@@ -58,22 +55,14 @@ class TokenCache:
 
 def cache_key(*, vocab: str, max_len: int, texts: Sequence[str], flips: bool) -> str:
   """Hex key of a token file: vocabulary digest, max_len, the texts (in order), flips."""
-  h = hashlib.sha256()
-  h.update(json.dumps({"format": FORMAT_VERSION, "vocab": vocab, "max_len": int(max_len),
-                       "flips": bool(flips)}, sort_keys=True).encode())
-  for t in texts:
-    h.update(t.encode("utf-8"))
-    h.update(b"\0")
-  return h.hexdigest()[:24]
+  return text_cache.texts_key({"format": FORMAT_VERSION, "vocab": vocab,
+                               "max_len": int(max_len), "flips": bool(flips)}, texts)
 
 
 def write_tokens(texts: Sequence[str], path, *, tok: tokenizer_lib.Tokenizer, max_len: int,
                  batch_size: int = 1024) -> None:
   """Tokenises `texts` into int32 `[len(texts), max_len]` at `path` (padding -1), atomically."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f"{path.name}.tmp{os.getpid()}.npy"
-  try:
+  with text_cache.atomic_npy(path) as tmp:
     table = np.lib.format.open_memmap(str(tmp), mode="w+", dtype=np.int32,
                                       shape=(len(texts), max_len))
     for start in range(0, len(texts), batch_size):
@@ -81,10 +70,6 @@ def write_tokens(texts: Sequence[str], path, *, tok: tokenizer_lib.Tokenizer, ma
       table[start:start + len(ids)] = np.where(mask > 0, ids, -1)
     table.flush()
     del table
-    os.replace(tmp, path)  # local-path-ok: the memory-mapped cache is a local file
-  finally:
-    if tmp.exists():
-      tmp.unlink()
 
 
 def for_split(data_config, source, split: str, *, tok: tokenizer_lib.Tokenizer, max_len: int,
@@ -99,14 +84,13 @@ def for_split(data_config, source, split: str, *, tok: tokenizer_lib.Tokenizer, 
                   texts=texts, flips=flips)
   path = (text_cache.cache_dir(data_config)
           / f"{data_config.name}_{split}_dense_tokens_{key}.npy")
-  if not path.exists():
-    with text_cache.build_lock(path):
-      if not path.exists():
-        text_cache.remove_stale(path)
-        t0 = time.time()
-        write_tokens(texts, path, tok=tok, max_len=max_len)
-        log.info("Tokenised %d dense captions of %s %s in %.1f s into %s.", len(texts),
-                 data_config.name, split, time.time() - t0, path)
+
+  def build():
+    t0 = time.time()
+    write_tokens(texts, path, tok=tok, max_len=max_len)
+    log.info("Tokenised %d dense captions of %s %s in %.1f s into %s.", len(texts),
+             data_config.name, split, time.time() - t0, path)
+  text_cache.build_once(path, build)
   return TokenCache(rows=text_cache.TextCache(path=str(path), offsets=offsets,
                                               flip_rows=flip_rows), pad_id=int(tok.pad_id))
 
