@@ -2,9 +2,9 @@
 kernel, and the PyTorch formula's einsum alone, on `vs_official.py --only grm`'s inputs
 (128 x 640 pairs, key-level-like image masks keeping ~70% of 197 tokens, captions of 8-32).
 
-  python benchmarks/grm_kernel_profile.py
+  python benchmarks/grm_kernel_profile.py [BUCKETS]   (default 16, as vs_official.py)
 
-The GEMMs are timed per bucket shape the kernel picks (tile (16, 64), 8 buckets), times the
+The GEMMs are timed per bucket shape the kernel picks (tile (16, 64), BUCKETS per side), times the
 number of tiles of that shape; the rest of the kernel's time is the masked max / mean
 reductions, the packing and the loop. docs/performance.md, "Sixth pass", has the numbers.
 """
@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gseps_jax.models import similarity  # pylint: disable=g-import-not-at-top,wrong-import-position
 ni, nc, lx, ly, d = 128, 640, 197, 32, 512
-cx, cy, B = 16, 64, 8
+cx, cy, B = 16, 64, int(sys.argv[1]) if len(sys.argv) > 1 else 16
 rng = np.random.default_rng(1)
 x = rng.standard_normal((ni, lx, d), np.float32); y = rng.standard_normal((nc, ly, d), np.float32)
 xm = rng.random((ni, lx)) < 0.7; xm[:, 0] = True

@@ -481,6 +481,39 @@ def test_level_weights_choose_the_levels_computed(tiny_grm):
     np.testing.assert_allclose(np.asarray(alone), np.asarray(levels[level]), atol=1e-6)
 
 
+def test_eval_buckets_int_buckets_captions_only(tiny_grm):
+  """An int `eval_buckets` buckets the captions only (GRM's image tokens are all valid under the
+  union of its level masks): b tile variants per kernel call instead of b^2, the same scores
+  as no buckets and as a pair; a bad value is refused naming the field."""
+  config, _, batch, params = tiny_grm
+
+  def run(buckets):
+    cfg = config.model.copy_and_resolve_references()
+    if isinstance(buckets, int):
+      cfg.grm.eval_buckets = buckets
+      model = grm_lib.GRM.from_config(cfg)
+    else:  # a pair (a config file can set one; the int field refuses one on override)
+      model = grm_lib.GRM.from_config(cfg).clone(eval_buckets=buckets)
+    img = model.apply({"params": params}, batch["image"], method=grm_lib.GRM.encode_images)
+    txt = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                      method=grm_lib.GRM.encode_texts)
+    f = jax.jit(lambda i, t: model.apply({"params": params}, i, t, chunk=2,
+                                         method=grm_lib.GRM.score))
+    return np.asarray(f(img, txt)), f.lower(img, txt).as_text().count("stablehlo.dot_general")
+
+  ref, _ = run(1)
+  by_int, dots_int = run(3)
+  by_pair, dots_pair = run((3, 3))
+  np.testing.assert_allclose(by_int, ref, atol=1e-6)
+  np.testing.assert_allclose(by_pair, ref, atol=1e-6)
+  # 8 caption tokens in 3 buckets: (3, 6, 8); the image side 1 variant (int) or 3 (pair); two
+  # kernel calls (V with ori + key, U with unc), each one einsum per variant, plus the model's
+  # own dot_generals (the same in both).
+  assert dots_pair - dots_int == 2 * (9 - 3)
+  with pytest.raises(ValueError, match="model.grm.eval_buckets"):
+    run(0)
+
+
 def test_ablation_switches_remove_components(tiny_grm):
   config, _, batch, _ = tiny_grm
   cfg = config.model.copy_and_resolve_references()

@@ -252,7 +252,8 @@ def test_multi_mask_kernel_with_weights_equals_separate_calls():
 
 
 @pytest.mark.parametrize("direction", ["x2y", "y2x", "both"])
-@pytest.mark.parametrize("chunk,buckets", [((3, 2), 3), (None, 2), ((2, 4), 4)])
+@pytest.mark.parametrize("chunk,buckets", [((3, 2), 3), (None, 2), ((2, 4), 4), ((3, 2), (1, 3)),
+                                           ((2, 4), (4, 1)), ((3, 3), (2, 5))])
 def test_length_buckets_match_numpy_double_loop(direction, chunk, buckets):
   """Buckets (valid tokens packed first, items sorted by count, per-tile cut) change no score."""
   x, xm, y, ym = ragged(4, bx=9, by=11, lx=10, ly=7)
@@ -280,6 +281,30 @@ def test_length_buckets_gradients_multi_and_errors():
   assert similarity._bucket_lengths(3, 8) == (1, 2, 3)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="buckets"):
     similarity.token_similarity(x, xm, y, ym, buckets=0)
+  for bad in ((1, 0), (2,), (2, 2, 2), (2, 1.5)):
+    with pytest.raises(ValueError, match=r"pair \(bx, by\)"):
+      similarity.token_similarity(x, xm, y, ym, buckets=bad)
+
+
+def test_per_side_buckets_compile_only_their_variants():
+  """(1, b) buckets the y side only: b tile variants (one cosine einsum each) instead of b^2,
+  with the same scores."""
+  x, xm, y, ym = ragged(6, bx=8, by=12, lx=9, ly=8)
+  ref = np.asarray(similarity.token_similarity(x, xm, y, ym, chunk=(4, 4)))
+
+  def einsums(bk):
+    ir = jax.jit(lambda *a: similarity.token_similarity(*a, chunk=(4, 4), buckets=bk)).lower(
+        x, xm, y, ym).as_text()
+    return ir.count("stablehlo.dot_general")
+
+  for bk in ((1, 4), (4, 1), 4, (2, 3)):
+    np.testing.assert_allclose(np.asarray(similarity.token_similarity(
+        x, xm, y, ym, chunk=(4, 4), buckets=bk)), ref, atol=2e-6)
+  # _bucket_lengths(9, 4) = (3, 5, 7, 9), _bucket_lengths(8, 4) = (2, 4, 6, 8), (8, 3) = (3, 6, 8)
+  assert einsums(1) == 1
+  assert einsums((1, 4)) == einsums((4, 1)) == 4
+  assert einsums(4) == 16
+  assert einsums((2, 3)) == 2 * 3
 
 
 # ----------------------------------------------------------------------------- token weights

@@ -40,7 +40,7 @@ The auxiliary losses are computed by `losses.grm_aux` from the head's named inte
 """
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -49,11 +49,23 @@ import jax.numpy as jnp
 from gseps_jax import losses
 from gseps_jax.models import encoders
 from gseps_jax.models import grm_heads
-from gseps_jax.models.similarity import token_similarity_multi
+from gseps_jax.models.similarity import Buckets, token_similarity_multi
 
 LEVELS = ("ori", "key", "unc")
 # Ablation switches (benchmarks/grm_ablation.py): off = the component is not built.
 SWITCHES = ("use_sa", "use_ga", "use_regions", "use_uncertainty")
+
+
+def _eval_buckets(value) -> Union[int, Tuple[int, int]]:
+  """`model.grm.eval_buckets` from a config: an int >= 1, or a pair of them set in a config
+  file."""
+  if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+      isinstance(b, int) and b >= 1 for b in value):
+    return (int(value[0]), int(value[1]))
+  if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    return int(value)
+  raise ValueError(f"model.grm.eval_buckets must be an int >= 1 (caption-side buckets) or a "
+                   f"pair (image, caption) of them, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- model
@@ -80,7 +92,10 @@ class GRM(nn.Module):
     direction: kernel direction, "both" | "x2y" | "y2x".
     learn_temperature, init_temperature: a 'log_temperature' param for the InfoNCE loss.
     train_chunk: pair tile of the in-batch kernel (None = one tile).
-    eval_buckets: token-length buckets per side of the evaluation kernel (1 = off).
+    eval_buckets: token-length buckets of the evaluation kernel (1 = off). An int buckets the
+      captions only: GRM's image side is always full (the union of its level masks is every
+      token), so image-side buckets would compile variants that never run. A pair (bx, by)
+      is passed to the kernel as given (`similarity.token_similarity`).
     use_sa, use_ga, use_regions, use_uncertainty: ablation switches (off = not built).
 
   Parameter tree: 'vision_encoder', 'text_encoder' (HF-named encoders), 'vision_proj',
@@ -110,7 +125,7 @@ class GRM(nn.Module):
   learn_temperature: bool = False
   init_temperature: float = 0.07
   train_chunk: Optional[int] = None
-  eval_buckets: int = 1
+  eval_buckets: Union[int, Tuple[int, int]] = 1
   use_sa: bool = True
   use_ga: bool = True
   use_regions: bool = True
@@ -135,7 +150,7 @@ class GRM(nn.Module):
         learn_temperature=bool(g.get("learn_temperature", False)),
         init_temperature=g.get("init_temperature", 0.07),
         train_chunk=g.get("train_chunk", None) or None,
-        eval_buckets=int(g.get("eval_buckets", 1)),
+        eval_buckets=_eval_buckets(g.get("eval_buckets", 1)),
         **{k: bool(g.get(k, True)) for k in SWITCHES})
 
   def setup(self):
@@ -199,7 +214,7 @@ class GRM(nn.Module):
                 compute_dtype=None if dtype == jnp.float32 else dtype)
 
   def _level_sims(self, specs: dict, v: jax.Array, u, t: jax.Array, *, chunk=None,
-                  buckets: int = 1) -> dict:
+                  buckets: Buckets = 1) -> dict:
     """Kernel scores of several levels, one cosine block per token side.
 
     Args:
@@ -351,8 +366,11 @@ class GRM(nn.Module):
       specs["key"] = ("v", img["key_mask"], None, txt["key_mask"], None)
     if "unc" in levels and "unc" in img:
       specs["unc"] = ("u", img["unc_mask"], None, txt["key_mask"], None)
+    buckets = self.eval_buckets
+    if isinstance(buckets, int):
+      buckets = (1, buckets)  # captions only (the image side is full; see eval_buckets)
     return self._level_sims(specs, img["ori"], img.get("unc"), txt["ori"], chunk=chunk,
-                            buckets=self.eval_buckets)
+                            buckets=buckets)
 
   def score(self, img_feats: dict, txt_feats: dict, dense_feats=None, *,
             chunk=None) -> jax.Array:
