@@ -281,7 +281,7 @@ def test_length_buckets_gradients_multi_and_errors():
   assert similarity._bucket_lengths(3, 8) == (1, 2, 3)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="buckets"):
     similarity.token_similarity(x, xm, y, ym, buckets=0)
-  for bad in ((1, 0), (2,), (2, 2, 2), (2, 1.5)):
+  for bad in ((1, 0), (2,), (2, 2, 2), (2, 1.5), 2.0, "8"):
     with pytest.raises(ValueError, match=r"pair \(bx, by\)"):
       similarity.token_similarity(x, xm, y, ym, buckets=bad)
 

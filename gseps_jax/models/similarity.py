@@ -21,11 +21,12 @@ Length buckets (`buckets=b > 1`, for evaluation): padding tokens cost full matmu
 tiles above. With buckets, each item's valid tokens are moved to the front (a stable
 permutation; the masks make the order irrelevant), the items are sorted by valid count, and every
 tile runs on its tokens cut to the smallest of b static lengths (ceil(L * k / b), k = 1..b, per
-side) that holds its longest item, chosen by `lax.switch`. `buckets=(bx, by)` sets the two sides
-apart: bx * by tile variants are compiled, so a side whose items are always full (GRM's image
-tokens: the union of its level masks is every token) takes 1 and costs no compile time. Results are un-permuted, so the
+side) that holds its longest item, chosen by `lax.switch`. Results are un-permuted, so the
 scores are the same (up to float reassociation); the work shrinks with the padding, e.g. the
 Flickr30K test captions fill 15.9 of 32 text positions on average (pinned BERT tokenizer).
+`buckets=(bx, by)` sets the two sides apart: bx * by tile variants are compiled, so a side whose
+items are always full (GRM's image tokens: the union of its level masks is every token) takes 1
+and costs no compile time.
 
 Empty items: an item with no valid token scores exactly 0 against everything (and so gets zero
 gradient). Invalid tokens never win a max and never enter a mean. All values stay finite.
@@ -364,10 +365,11 @@ def _pack_and_sort(t, ms, valid):
 
 def _bucket_counts(buckets: Buckets) -> Tuple[int, int]:
   """(bx, by) from an int or a pair; raises on anything but positive ints."""
-  pair = (buckets, buckets) if isinstance(buckets, int) else tuple(buckets)
-  if len(pair) != 2 or not all(isinstance(b, int) and b >= 1 for b in pair):
+  pair = (buckets, buckets) if isinstance(buckets, int) else buckets
+  if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+      or not all(isinstance(b, int) and b >= 1 for b in pair)):
     raise ValueError(f"buckets must be an int >= 1 or a pair (bx, by) of them, got {buckets!r}")
-  return pair
+  return tuple(pair)
 
 
 def _bucket_lengths(length: int, buckets: int) -> Tuple[int, ...]:
