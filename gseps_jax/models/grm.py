@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from gseps_jax import losses
 from gseps_jax.models import encoders
 from gseps_jax.models import grm_heads
-from gseps_jax.models.similarity import Buckets, token_similarity_multi
+from gseps_jax.models.similarity import Buckets, bucket_counts, token_similarity_multi
 
 LEVELS = ("ori", "key", "unc")
 # Ablation switches (benchmarks/grm_ablation.py): off = the component is not built.
@@ -57,15 +57,10 @@ SWITCHES = ("use_sa", "use_ga", "use_regions", "use_uncertainty")
 
 
 def _eval_buckets(value) -> Union[int, Tuple[int, int]]:
-  """`model.grm.eval_buckets` from a config: an int >= 1, or a pair of them set in a config
-  file."""
-  if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-      isinstance(b, int) and b >= 1 for b in value):
-    return (int(value[0]), int(value[1]))
-  if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-    return int(value)
-  raise ValueError(f"model.grm.eval_buckets must be an int >= 1 (caption-side buckets) or a "
-                   f"pair (image, caption) of them, got {value!r}")
+  """`model.grm.eval_buckets` from a config: an int >= 1 (kept: it means caption buckets, see
+  `GRM.eval_buckets`), or a pair of them set in a config file (checked as the kernel does)."""
+  pair = bucket_counts(value, name="model.grm.eval_buckets")
+  return value if isinstance(value, int) else pair
 
 
 # ----------------------------------------------------------------------------- model

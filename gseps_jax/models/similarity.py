@@ -363,12 +363,13 @@ def _pack_and_sort(t, ms, valid):
   return t[perm], ms, perm
 
 
-def _bucket_counts(buckets: Buckets) -> Tuple[int, int]:
-  """(bx, by) from an int or a pair; raises on anything but positive ints."""
+def bucket_counts(buckets: Buckets, *, name: str = "buckets") -> Tuple[int, int]:
+  """(bx, by) from an int or a pair; a ValueError naming `name` for anything but positive ints
+  (bools included)."""
   pair = (buckets, buckets) if isinstance(buckets, int) else buckets
   if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-      or not all(isinstance(b, int) and b >= 1 for b in pair)):
-    raise ValueError(f"buckets must be an int >= 1 or a pair (bx, by) of them, got {buckets!r}")
+      or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in pair)):
+    raise ValueError(f"{name} must be an int >= 1 or a pair (bx, by) of them, got {buckets!r}")
   return tuple(pair)
 
 
@@ -419,7 +420,7 @@ def _all_pairs(x, x_masks, y, y_masks, *, direction, chunk, compute_dtype, preci
   yn = jnp.where(y_any[..., None], l2_normalize(y), 0.0).astype(cdt)
   bx, lx, d = x.shape
   by, ly, _ = y.shape
-  bkx, bky = _bucket_counts(buckets)
+  bkx, bky = bucket_counts(buckets)
   cx, cy = _tile_sizes(chunk, bx, by)
   nx, ny = -(-bx // cx), -(-by // cy)
   tile = functools.partial(_tile_scores, direction=direction, precision=precision,
