@@ -12,6 +12,13 @@ schedule; configs/grm_vit.py:demo unless said otherwise):
   seps    (d) SEPS (configs/seps_vit.py:demo: its hinge recipe, honest dense captions).
   laps    (e) LAPS (configs/laps_vit.py:demo).
 
+Text tower (`--text_tower`): `frozen` (default, the demo's: the pretrained MiniLM as a fixed
+feature extractor, its cached token features) or `scratch` (a 2-layer, 128-wide text transformer
+with MiniLM's vocabulary, trained from random init at the full lr with everything else): the
+control for "is the pooled model's lead the frozen sentence-embedding tower?"
+(docs/benchmarks.md, session 31). Each row reports `text_change`, the largest change of a text
+tower parameter over the run (0 for the frozen tower).
+
 Regimes: `steps` trains each model for --steps steps (cosine horizon = --steps); `time` trains
 each for --budget_s seconds of training (evaluation not counted), its cosine horizon set to the
 steps its own `steps` run showed it makes in that time (or --time_horizon when given). Both
@@ -159,7 +166,10 @@ def _baseline_module():
       return {"tok": v, "mask": jnp.ones(v.shape[:2], bool)}
 
     def encode_texts(self, input_ids, attention_mask, text_hidden=None, *, train=False):
-      del train  # the frozen tower runs deterministically
+      if not self.config.freeze_text:  # --text_tower=scratch: the tower trains
+        t = self.text_encoder(input_ids, attention_mask, train=train)
+        return {"tok": self.text_proj(t), "mask": attention_mask.astype(bool)}
+      # The frozen tower runs deterministically.
       t = (self.text_encoder(input_ids, attention_mask, train=False) if text_hidden is None
            else jnp.asarray(text_hidden, jnp.float32))
       t = self.text_proj(jax.lax.stop_gradient(t))
@@ -205,6 +215,14 @@ def make_config(name: str, args):
   if args.batch_size:
     c.train.batch_size = args.batch_size
   c.train.final_eval_split = args.split
+  if getattr(args, "text_tower", "frozen") == "scratch":
+    from configs import common  # pylint: disable=g-import-not-at-top
+    c.model.text = ml_collections.ConfigDict(dict(
+        common.BERT_BASE, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    c.model.freeze_text = False  # (and so no cached features: text_cache.enabled)
+    c.optim.backbone_patterns = ()  # trained at the full lr, like the from-scratch ViT
+    c.optim.frozen_patterns = ()
   return c
 
 
@@ -240,8 +258,10 @@ def run(name: str, args, *, steps: int | None, budget_s: float | None, horizon: 
   key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(key)
   params = state_lib.init_params(model, state_lib.sample_batch(config), init_key, split=False)
-  params["text_encoder"] = jax.tree.map(jnp.asarray, hf_import.load_hf_encoder(
-      config.model.text_hf_dir)[1])
+  if config.model.freeze_text:  # the pretrained tower; --text_tower=scratch keeps the random init
+    params["text_encoder"] = jax.tree.map(jnp.asarray, hf_import.load_hf_encoder(
+        config.model.text_hf_dir)[1])
+  text_start = jax.tree.map(np.array, params["text_encoder"])  # a copy: the state is donated
   tx, _, _ = optim.make_optimizer(config.optim, spe, params, total_steps=horizon)
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params))
@@ -265,6 +285,8 @@ def run(name: str, args, *, steps: int | None, budget_s: float | None, horizon: 
       break
   jax.block_until_ready(state.params)
   loss = float(metrics["loss"])
+  text_change = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(
+      jax.tree.leaves(state.params["text_encoder"]), jax.tree.leaves(text_start)))
   data.close()
   mesh = sharding.make_mesh(config.mesh)
   t_eval = time.time()
@@ -272,20 +294,21 @@ def run(name: str, args, *, steps: int | None, budget_s: float | None, horizon: 
     m = eval_lib.Evaluator(config, model, mesh, split=args.split).run(state.params)
   return {"model": name, "steps": done, "train_s": trained, "compile_s": first,
           "steps_per_s": (done - 1) / max(trained, 1e-9), "final_loss": loss,
+          "text_tower": getattr(args, "text_tower", "frozen"), "text_change": text_change,
           "eval_s": time.time() - t_eval,
           **{k: m[k] for k in ("rsum", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10",
                                "t2i_r10")}}
 
 
 def table(rows: list[dict], ceil: dict) -> str:
-  head = (f"| {'model':<26} | {'regime':<16} | {'steps':>5} | {'train s':>7} | {'steps/s':>7} | "
+  head = (f"| {'model':<26} | {'regime':<22} | {'steps':>5} | {'train s':>7} | {'steps/s':>7} | "
           f"{'R@1 i2t':>7} | {'R@1 t2i':>7} | {'rSum':>6} |")
   lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
   for r in rows:
-    lines.append(f"| {LABELS[r['model']]:<26} | {r['regime']:<16} | {r['steps']:>5} | "
+    lines.append(f"| {LABELS[r['model']]:<26} | {r['regime']:<22} | {r['steps']:>5} | "
                  f"{r['train_s']:>7.1f} | {r['steps_per_s']:>7.2f} | {r['i2t_r1']:>7.1f} | "
                  f"{r['t2i_r1']:>7.1f} | {r['rsum']:>6.1f} |")
-  lines.append(f"| {'ceiling (perfect model)':<26} | {'':<16} | {'':>5} | {'':>7} | {'':>7} | "
+  lines.append(f"| {'ceiling (perfect model)':<26} | {'':<22} | {'':>5} | {'':>7} | {'':>7} | "
                f"{ceil['i2t_r1']:>7.1f} | {ceil['t2i_r1']:>7.1f} | {ceil['rsum']:>6.1f} |")
   return "\n".join(lines)
 
@@ -302,6 +325,9 @@ def main(argv=None) -> int:
   p.add_argument("--batch_size", type=int, default=0, help="0: the demo's")
   p.add_argument("--variant", default="", help="extra config variant appended to 'demo', e.g. "
                  "'direction=y2x' (GRM head fields; applies to every model's config file)")
+  p.add_argument("--text_tower", choices=("frozen", "scratch"), default="frozen",
+                 help="frozen: the demo's pretrained MiniLM, cached features; scratch: a small "
+                 "text transformer trained from random init (see the module docstring)")
   p.add_argument("--num_train", type=int, default=0, help="0: the demo's generated train size")
   p.add_argument("--num_test", type=int, default=0, help="0: the demo's generated test size")
   p.add_argument("--data_dir", default="data_cache/tfds")
@@ -314,6 +340,7 @@ def main(argv=None) -> int:
   if unknown:
     p.error(f"unknown --models {sorted(unknown)}; known: {MODELS}")
   modes = [m for m in args.modes.split(",") if m]
+  tag = " scratch text" if args.text_tower == "scratch" else ""
 
   base = make_config("grm", args)
   syn = base.data.synthetic
@@ -329,7 +356,7 @@ def main(argv=None) -> int:
     for name in names:
       if "steps" in modes:
         r = run(name, args, steps=args.steps, budget_s=None, horizon=args.steps)
-        r["regime"] = f"{args.steps} steps"
+        r["regime"] = f"{args.steps} steps{tag}"
         rates[name] = r["steps_per_s"]
         rows.append(r)
         print(json.dumps(r), flush=True)
@@ -337,7 +364,7 @@ def main(argv=None) -> int:
         horizon = args.time_horizon or (
             max(2, int(rates[name] * args.budget_s)) if name in rates else args.steps)
         r = run(name, args, steps=None, budget_s=args.budget_s, horizon=horizon)
-        r["regime"] = f"{args.budget_s:.0f} s"
+        r["regime"] = f"{args.budget_s:.0f} s{tag}"
         rows.append(r)
         print(json.dumps(r), flush=True)
   print(table(rows, ceil))

@@ -167,3 +167,29 @@ def test_demo_table_trains_and_scores_every_baseline(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   assert [r["model"] for r in rows] == ["pooled", "tokens", "grm"]
   assert all(r["steps"] == 1 and 0.0 <= r["rsum"] <= 600.0 for r in rows)
+  # The demo's frozen MiniLM gets no update.
+  assert all(r["text_tower"] == "frozen" and r["text_change"] == 0.0 for r in rows)
+
+
+def test_demo_table_scratch_text_tower_trains(tmp_path):
+  """`--text_tower=scratch`: a small random text transformer (2 layers, 128 wide, MiniLM's
+  vocabulary) replaces the frozen MiniLM, gets no cached features, and its parameters move."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+
+  import demo_table  # pylint: disable=g-import-not-at-top
+  args = argparse.Namespace(variant="", data_dir=str(tmp_path / "tfds"), num_train=16,
+                            num_test=8, batch_size=8, split="test", text_tower="scratch")
+  for name in ("pooled", "grm"):
+    c = demo_table.make_config(name, args)
+    assert not c.model.freeze_text and c.optim.frozen_patterns == ()
+    assert (c.model.text.num_hidden_layers, c.model.text.hidden_size) == (2, 128)
+    assert c.model.text.vocab_size == 30522  # MiniLM's tokenizer still feeds it
+  out = tmp_path / "rows.json"
+  demo_table.main(["--models=pooled,grm", "--modes=steps", "--steps=2", "--num_train=16",
+                   "--num_test=8", "--batch_size=8", "--text_tower=scratch",
+                   f"--data_dir={tmp_path / 'tfds'}", f"--out={out}"])
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["model"] for r in rows] == ["pooled", "grm"]
+  assert all(r["text_tower"] == "scratch" and r["text_change"] > 0.0 for r in rows)
+  assert all(r["regime"] == "2 steps scratch text" for r in rows)
