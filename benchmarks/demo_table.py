@@ -200,7 +200,7 @@ def _baseline_module():
 def make_config(name: str, args):
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from configs import grm_vit, laps_vit, seps_vit  # pylint: disable=g-import-not-at-top
+  from configs import common, grm_vit, laps_vit, seps_vit  # pylint: disable=g-import-not-at-top
   mod = {"seps": seps_vit, "laps": laps_vit}.get(name, grm_vit)
   c = mod.get_config(",".join(["demo"] + ([args.variant] if args.variant else [])))
   if name in ("pooled", "tokens"):
@@ -215,8 +215,7 @@ def make_config(name: str, args):
   if args.batch_size:
     c.train.batch_size = args.batch_size
   c.train.final_eval_split = args.split
-  if getattr(args, "text_tower", "frozen") == "scratch":
-    from configs import common  # pylint: disable=g-import-not-at-top
+  if args.text_tower == "scratch":
     c.model.text = ml_collections.ConfigDict(dict(
         common.BERT_BASE, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
@@ -294,7 +293,7 @@ def run(name: str, args, *, steps: int | None, budget_s: float | None, horizon: 
     m = eval_lib.Evaluator(config, model, mesh, split=args.split).run(state.params)
   return {"model": name, "steps": done, "train_s": trained, "compile_s": first,
           "steps_per_s": (done - 1) / max(trained, 1e-9), "final_loss": loss,
-          "text_tower": getattr(args, "text_tower", "frozen"), "text_change": text_change,
+          "text_tower": args.text_tower, "text_change": text_change,
           "eval_s": time.time() - t_eval,
           **{k: m[k] for k in ("rsum", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10",
                                "t2i_r10")}}
