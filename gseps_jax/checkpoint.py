@@ -11,13 +11,17 @@ A step that is damaged anyway (disk full, files deleted, bytes flipped) is detec
 orbax fails to read it, or the restored arrays do not match the digest saved in its meta, or they
 are not finite. A training run moves such a step aside to `WORKDIR/checkpoints_damaged/` (never
 deleting it) so the step can be written again, and continues from the newest good step; readers
-(evaluate/export/retrieve) fall back the same way without moving anything. See
-docs/reliability.md.
+(evaluate/export/retrieve) fall back the same way without moving anything. The one-line warning
+naming the step is the whole report: the reads that a failed restore leaves in flight are kept
+off stderr (`_drop_stale_read_reports`). See docs/reliability.md.
 """
 
 import json
 import logging
+import os
+import sys
 import time
+import traceback
 from typing import Any, Callable
 
 import jax
@@ -123,6 +127,56 @@ def _all_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
+def _is_stale_read_callback(unraisable) -> bool:
+  """True for the unraisable error of a tensorstore read that outlived a failed orbax restore.
+
+  When one array of a step cannot be read, orbax's restore raises at once and closes its asyncio
+  loop while tensorstore still reads the step's other arrays; as each read finishes, its callback
+  posts to the closed loop (`call_soon_threadsafe`) and raises `RuntimeError('Event loop is
+  closed')` on a tensorstore thread, which Python reports as unraisable: one traceback per array
+  on stderr (hundreds for a ViT-B state) after the one-line damage warning.
+  """
+  if unraisable.object is not None or unraisable.exc_type is not RuntimeError:
+    return False
+  if str(unraisable.exc_value) != "Event loop is closed":
+    return False
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return bool(frames) and frames[0].name == "call_soon_threadsafe" and (
+      os.path.basename(frames[0].filename) == "base_events.py")  # local-path-ok: a source file
+
+
+class _DropUnretrievedReadErrors(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for a tensorstore read error (its
+  message carries the `tensorstore_spec`): a sibling of the read that failed the restore, which
+  failed too and was left behind with the closed loop (the damage warning already says it)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith("Task exception was never retrieved") and
+                exc is not None and "tensorstore_spec" in str(exc))
+
+
+def _drop_stale_read_reports() -> None:
+  """Keeps a damaged step's one-line warning the whole report: `sys.unraisablehook` drops
+  `_is_stale_read_callback` errors (anything else goes on to the hook installed before) and the
+  `asyncio` logger drops `_DropUnretrievedReadErrors` records. Called before every state restore
+  (a failed read's siblings can finish before its exception reaches us); process-wide, installed
+  once."""
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropUnretrievedReadErrors) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_DropUnretrievedReadErrors())
+  previous = sys.unraisablehook
+  if getattr(previous, "gseps_drops_stale_reads", False):
+    return
+
+  def hook(unraisable):
+    if not _is_stale_read_callback(unraisable):
+      previous(unraisable)
+
+  hook.gseps_drops_stale_reads = True
+  sys.unraisablehook = hook
+
+
 def _names(items) -> str:
   items = list(items)
   return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
@@ -190,6 +244,7 @@ class Checkpointer:
   def _verify(self, s: int, abstract_state, meta: dict, validate) -> tuple[Any, str | None]:
     """(state, None) if step `s` restores, matches its digest and is finite, else (None, why)."""
     state, why = None, None
+    _drop_stale_read_reports()  # before: a failed read's siblings may finish at any time
     try:
       state = self.manager.restore(
           s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]

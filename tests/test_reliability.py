@@ -6,11 +6,13 @@ on its own copy of that workdir. The rest runs at the Checkpointer level (no tra
 """
 
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +174,71 @@ def test_all_checkpoints_damaged_stops_instead_of_restarting(base_run, tmp_path)
     _train(wd, **{"train.max_steps": 6})
   assert _steps(wd) == [2, 4] and not (wd / "checkpoints_damaged").exists()
   assert (wd / "metrics.jsonl").read_text() == metrics_before
+
+
+_STALE_READS_SCRIPT = """
+import pathlib, sys
+import jax, jax.numpy as jnp, numpy as np
+from gseps_jax import checkpoint as ckpt_lib
+wd = pathlib.Path(sys.argv[1])
+tree = {f"w{i}": jnp.arange(1000.0) + i for i in range(200)}  # many arrays: many reads in flight
+ck = ckpt_lib.Checkpointer(wd, keep=5, best_metric=None, async_save=False)
+ck.save(1, tree, {})
+ck.save(2, tree, {})
+ck.wait()
+rng = np.random.default_rng(0)
+for f in sorted((wd / "checkpoints" / "2" / "state").rglob("*")):
+  if f.is_file() and f.parent.name == "d":
+    f.write_bytes(rng.bytes(f.stat().st_size))
+abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+print("RESTORED", ck.restore(abstract, move_damaged=True)[1]["step"])
+ck.close()
+"""
+
+
+def test_damaged_step_is_one_warning_without_tracebacks(tmp_path):
+  """A failed orbax read leaves the step's other reads in flight; when they finish they raised
+  'Event loop is closed' on tensorstore threads (one traceback per array on stderr) and,
+  now and then, asyncio's 'Task exception was never retrieved'. A fresh interpreter, so that
+  what reaches stderr is what a CLI user sees."""
+  proc = subprocess.run([sys.executable, "-c", _STALE_READS_SCRIPT, str(tmp_path / "wd")],
+                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                        text=True, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "RESTORED 1" in proc.stdout
+  assert "Checkpoint step 2" in proc.stderr and "is damaged" in proc.stderr
+  for noise in ("Traceback", "Event loop is closed", "never retrieved"):
+    assert noise not in proc.stderr, proc.stderr[-4000:]
+
+
+def test_stale_read_filters_pass_everything_else(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  asyncio_log = logging.getLogger("asyncio")
+  monkeypatch.setattr(asyncio_log, "filters", [])
+  ckpt_lib._drop_stale_read_reports()
+  ckpt_lib._drop_stale_read_reports()  # installed once
+  assert len(asyncio_log.filters) == 1 and sys.unraisablehook is not seen.append
+
+  def unraisable(exc):
+    try:
+      raise exc
+    except BaseException as e:  # pylint: disable=broad-except
+      return types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__,
+                                   err_msg=None, object=None)
+  other = unraisable(RuntimeError("Event loop is closed"))  # raised here, not by asyncio
+  sys.unraisablehook(other)
+  sys.unraisablehook(unraisable(ValueError("boom")))
+  assert [u.exc_type for u in seen] == [RuntimeError, ValueError]
+
+  def record(msg, exc):
+    return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None,
+                             (type(exc), exc, None))
+  drop = asyncio_log.filters[0].filter
+  assert not drop(record("Task exception was never retrieved", ValueError(
+      "DATA_LOSS: ... [tensorstore_spec='{}']")))
+  assert drop(record("Task exception was never retrieved", ValueError("other")))
+  assert drop(record("Unclosed client session", ValueError("tensorstore_spec")))
 
 
 def test_allow_restart_on_damage_sets_every_step_aside(tmp_path):
