@@ -272,11 +272,33 @@ def validate(c) -> None:
     if not good:
       raise ConfigError(f"config.{dotted} = {node!r} is invalid: expected {expected} "
                         f"(--config.{dotted}=...).")
+  _check_vit_image_size(c)
   train = c.get("train", None) or {}
   k = train.get("encoder_chunk", 0)
   if k > 1 and train.get("batch_size", 0) % k:
     raise ConfigError(f"config.train.encoder_chunk = {k} is invalid: expected a divisor of "
                       f"train.batch_size = {train['batch_size']} (--config.train.encoder_chunk=...).")
+
+
+def _check_vit_image_size(c) -> None:
+  """A ViT's input side must be a multiple of its patch: the patch convolution would silently drop
+  the last `size % patch` pixel rows and columns (HF does the same). Sizes other than the
+  pretraining size are fine (the position embeddings are interpolated, as HF's
+  `interpolate_pos_encoding`); Swin pads, so any size works there."""
+  vision = (c.get("model", None) or {}).get("vision", None) or {}
+  size = (c.get("data", None) or {}).get("image_size", None)
+  if vision.get("model_type") != "vit" or not _is_int(size):
+    return
+  patch = vision.get("patch_size", 16)
+  patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+  if _is_int(patch) and patch > 0 and size % patch:
+    lo, hi = size - size % patch, size - size % patch + patch
+    fits = f"{lo} or {hi}" if lo > 0 else f"{hi}"
+    raise ConfigError(
+        f"config.data.image_size = {size} is invalid: expected a multiple of the ViT patch size "
+        f"model.vision.patch_size = {patch}, e.g. {fits}; otherwise the image's last "
+        f"{size % patch} px (rows and columns) never reach the model "
+        f"(--config.data.image_size=...).")
 
 
 def use_tiny(c):

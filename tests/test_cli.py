@@ -285,6 +285,17 @@ def test_validate_rejects_bad_values_and_accepts_every_shipped_config():
     node[last] = value
     with pytest.raises(common.ConfigError, match=re.escape(f"config.{field} = {value!r}")):
       common.validate(c)
+  # Cross-field: a ViT input side that is not a multiple of the patch (tiny: patch 16; demo: 8).
+  c = grm_vit.get_config("tiny")
+  c.data.image_size = 65
+  with pytest.raises(common.ConfigError, match=r"data.image_size = 65 .*patch_size = 16, e.g. "
+                     r"64 or 80; otherwise the image's last 1 px"):
+    common.validate(c)
+  c.data.image_size = 96  # another multiple: position embeddings are interpolated
+  common.validate(c)
+  c = seps_swin.get_config("tiny")
+  c.data.image_size = 65  # Swin pads
+  common.validate(c)
 
 
 def _readme_command():
