@@ -102,6 +102,8 @@ def base_config():
   c.data.text_cache_dir = ""  # cached frozen text features; "" = <data_dir>/text_features
   # Dense captions tokenised once per split (data/token_cache.py), not per training example.
   c.data.cache_dense_tokens = True
+  # Captions too, when training applies no text augmentation (text_aug_prob = 0).
+  c.data.cache_caption_tokens = True
   c.data.num_workers = 0
   c.data.synthetic = ml_collections.ConfigDict(dict(num_train=5000, num_test=500, num_dev=200,
                                                     image_size=64, seed=0))
@@ -222,6 +224,7 @@ _RULES = (
     ("optim.min_lr_ratio", lambda v: _is_num(v) and 0 <= v <= 1, "a fraction of lr in [0, 1]"),
     ("fast_compile", lambda v: isinstance(v, bool), "True or False"),
     ("data.cache_dense_tokens", lambda v: isinstance(v, bool), "True or False"),
+    ("data.cache_caption_tokens", lambda v: isinstance(v, bool), "True or False"),
     ("loss.kind", lambda v: v in LOSS_KINDS, f"one of {LOSS_KINDS}"),
     ("loss.margin", lambda v: _is_num(v) and v >= 0, "a margin >= 0"),
     ("loss.init_temperature", lambda v: _is_num(v) and v > 0, "a temperature > 0"),

@@ -100,3 +100,67 @@ def test_from_config_uses_the_cache_unless_switched_off(data, tok, tmp_path, on)
                                               process_count=1, tok=tok, tokenizes_dense=False,
                                               uses_dense=False)
   assert no_dense.dense_tokens is None
+
+
+# ----------------------------------------------------------------------------- caption tokens
+
+CAPTION_PP = dataclasses.replace(PP, text_aug_prob=0.0, dense=False)
+
+
+@pytest.mark.parametrize("device_augment", [False, True])
+def test_caption_tokens_equal_per_example_tokenisation(data, tok, tmp_path, device_augment):
+  """Without text augmentation a caption's tokens depend only on (image, choice, flipped): the
+  batches built from the caption token cache equal per-example tokenisation, flipped (swapped
+  left/right) captions included, and so does every other field (the draws are the same)."""
+  pp = dataclasses.replace(CAPTION_PP, device_augment=device_augment, canvas_size=32)
+  src = pipeline.open_split(data, "train")
+  cache = token_cache.for_split(_cfg(data, tmp_path), src, "train", tok=tok, max_len=pp.max_len,
+                                flips=True, kind="captions")
+  assert cache.rows.path.endswith(".npy") and "_captions_tokens_" in cache.rows.path
+  table = np.load(cache.rows.path)
+  swapped = {tuple(r) for r in table[cache.rows.offsets[-1]:]}  # rows only a flip reads
+  assert swapped
+  plain, cached = _loader(data, tok, pp), _loader(data, tok, pp, caption_tokens=cache)
+  swapped_seen = choices_seen = False
+  for _ in range(6):
+    want, got = next(plain), next(cached)
+    assert sorted(want) == sorted(got)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert got["input_ids"].dtype == np.int32 and got["attention_mask"].dtype == np.int32
+    rows = np.where(got["attention_mask"] > 0, got["input_ids"], -1)
+    swapped_seen |= any(tuple(r) in swapped for r in rows)
+    choices_seen |= len({tuple(r) for r in rows}) > 1
+  assert swapped_seen and choices_seen
+
+
+def test_caption_tokens_refuse_an_augmenting_pipeline(data, tok, tmp_path):
+  src = pipeline.open_split(data, "train")
+  cache = token_cache.for_split(_cfg(data, tmp_path), src, "train", tok=tok, max_len=12,
+                                flips=True, kind="captions")
+  with pytest.raises(ValueError, match="augments captions"):
+    _loader(data, tok, dataclasses.replace(CAPTION_PP, text_aug_prob=0.2), caption_tokens=cache)
+  with pytest.raises(ValueError, match="kind"):
+    token_cache.for_split(_cfg(data, tmp_path), src, "train", tok=tok, max_len=12, flips=False,
+                          kind="words")
+
+
+@pytest.mark.parametrize("aug,on,used", [(0.0, True, True), (0.0, False, False),
+                                         (0.2, True, False)])
+def test_from_config_caches_captions_only_without_augmentation(data, tok, tmp_path, aug, on,
+                                                                used):
+  c = tiny.tiny_config("grm")
+  c.data.name, c.data.data_dir = data["name"], data["data_dir"]
+  c.data.synthetic.update(data["synthetic"])
+  c.data.text_cache_dir = str(tmp_path / "cache")
+  c.data.text_aug_prob, c.data.cache_caption_tokens = aug, on
+  loader = pipeline.TrainLoader.from_config(c, global_batch_size=8, seed=0, process_index=0,
+                                            process_count=1, tok=tok, tokenizes_dense=False,
+                                            uses_dense=False)
+  try:
+    batch = next(loader)
+  finally:
+    loader.close()
+  assert (loader.caption_tokens is not None) == used
+  assert batch["input_ids"].shape == batch["attention_mask"].shape == (8, c.data.max_len)
+  assert bool(list((tmp_path / "cache").glob("*_captions_tokens_*.npy"))) == used

@@ -250,3 +250,35 @@ def test_encoder_chunk_must_divide_the_batch():
   config.train.encoder_chunk = 3  # batch 8
   with pytest.raises(common.ConfigError, match="encoder_chunk"):
     common.validate(config)
+
+
+def test_param_norm_covers_the_trainable_parameters_only():
+  """With a frozen text tower (`optim.frozen_patterns`), the step's `param_norm` (the
+  explosion check before every save) is the norm of the updated trainable leaves: the frozen
+  ones are neither updated nor read."""
+  from gseps_jax import models  # pylint: disable=g-import-not-at-top
+  config = tiny.tiny_config("grm")
+  config.optim.frozen_patterns = (r"^text_encoder/",)
+  model = models.build_model(config.model)
+  batch = _grad_worker.fixed_batch(config)
+  params = state_lib.init_params(model, batch, jax.random.key(0), split=False)
+  tx, _, _ = optim.make_optimizer(config.optim, 4, params, total_steps=10)
+  state = state_lib.TrainState(step=jnp.int32(1), params=params, opt_state=tx.init(params))
+  new, metrics = jax.jit(lambda s, b: trainer.train_step(
+      s, b, jax.random.key(1), model=model, tx=tx, config=config, steps_per_epoch=4))(state, batch)
+  flat = jax.tree_util.tree_leaves_with_path(new.params)
+  is_text = lambda path: jax.tree_util.keystr(path).startswith("['text_encoder']")
+  trainable = [np.asarray(x, np.float64) for p, x in flat if not is_text(p)]
+  frozen = [np.asarray(x, np.float64) for p, x in flat if is_text(p)]
+  assert trainable and frozen
+  want = np.sqrt(sum(np.sum(x * x) for x in trainable))
+  everything = np.sqrt(want ** 2 + sum(np.sum(x * x) for x in frozen))
+  assert float(metrics["param_norm"]) == pytest.approx(want, rel=1e-5)
+  assert abs(everything - want) > 1e-3 * want  # the frozen leaves would change it
+  for (_, old), (_, now) in zip(jax.tree_util.tree_leaves_with_path(params["text_encoder"]),
+                                jax.tree_util.tree_leaves_with_path(new.params["text_encoder"])):
+    np.testing.assert_array_equal(np.asarray(old), np.asarray(now))
+  # Without frozen patterns every leaf counts, as before.
+  assert len(optim.trainable_leaves(params, config.optim)) == len(trainable)
+  config.optim.frozen_patterns = ()
+  assert len(optim.trainable_leaves(params, config.optim)) == len(flat)

@@ -20,7 +20,8 @@ worker count.
   data/device_augment.py in the jitted step), input_ids, attention_mask [B, L] int32, dense_ids,
   dense_mask [B, Ld] int32 (models that tokenise dense captions; in training read from the
   split's tokenised dense captions, data/token_cache.py, unless `data.cache_dense_tokens` is
-  off), image_index [B] int32 (within the split); with cached frozen text features
+  off; the captions' too without text augmentation, `data.cache_caption_tokens`),
+  image_index [B] int32 (within the split); with cached frozen text features
   (data/text_cache.py) also text_hidden [B, L, D_text] float16 (and dense_hidden
   [B, Ld, D_text]).
 
@@ -119,14 +120,19 @@ class _TrainExample:
 @dataclasses.dataclass(frozen=True)
 class _CachedFeatures:
   """Training batch: `caption_choice`/`flipped` -> `text_hidden`/`dense_hidden` from the feature
-  caches and `dense_ids`/`dense_mask` from the dense token cache."""
+  caches, `dense_ids`/`dense_mask` from the dense token cache and `input_ids`/`attention_mask`
+  from the caption token cache."""
   text_cache: Any
   dense_cache: Any
   dense_tokens: Any = None
+  caption_tokens: Any = None
 
   def __call__(self, batch: Batch) -> Batch:
     batch = dict(batch)
     choice, flipped = batch.pop("caption_choice"), batch.pop("flipped")
+    if self.caption_tokens is not None:
+      batch["input_ids"], batch["attention_mask"] = self.caption_tokens.lookup(
+          batch["image_index"], flipped, choice)
     if self.text_cache is not None:
       batch["text_hidden"] = self.text_cache.lookup(batch["image_index"], choice, flipped)
     if self.dense_cache is not None:
@@ -208,7 +214,8 @@ def _shard(ds: grain.MapDataset, global_batch_size: int, process_index: int,
 
 def train_dataset(source, tok: tokenizer_lib.Tokenizer, pp: transforms.Preprocess, *,
                   global_batch_size: int, seed: int, process_index: int, process_count: int,
-                  text_cache=None, dense_cache=None, dense_tokens=None) -> grain.MapDataset:
+                  text_cache=None, dense_cache=None, dense_tokens=None,
+                  caption_tokens=None) -> grain.MapDataset:
   """Endless training batches of this process (element s = step s; see the module docstring).
 
   Args:
@@ -221,12 +228,15 @@ def train_dataset(source, tok: tokenizer_lib.Tokenizer, pp: transforms.Preproces
       (frozen text tower), or None.
     dense_tokens: `token_cache.TokenCache` of the split's dense captions (with swapped rows when
       `pp.hflip > 0`), or None to tokenise them per example (when `pp.dense`).
+    caption_tokens: `token_cache.TokenCache` of the split's captions (swapped rows when
+      `pp.hflip > 0`; only with `pp.text_aug_prob = 0`), or None to tokenise them per example.
 
   Returns:
     A `grain.MapDataset` of local batches.
 
   Raises:
-    ValueError: the global batch exceeds the split or is not divisible by `process_count`.
+    ValueError: the global batch exceeds the split or is not divisible by `process_count`, or
+      a token cache is given for texts the pipeline augments or does not tokenise.
   """
   n = len(source)
   steps_per_epoch = n // global_batch_size
@@ -238,13 +248,20 @@ def train_dataset(source, tok: tokenizer_lib.Tokenizer, pp: transforms.Preproces
       raise ValueError("dense_tokens given for a pipeline that does not tokenise dense captions "
                        "(Preprocess.dense is False).")
     pp = dataclasses.replace(pp, dense=False)  # the batch stage adds them
-  cached = text_cache is not None or dense_cache is not None or dense_tokens is not None
+  if caption_tokens is not None:
+    if pp.text_aug_prob > 0:
+      raise ValueError(f"caption_tokens given for a pipeline that augments captions "
+                       f"(text_aug_prob = {pp.text_aug_prob}): cached tokens would drop the "
+                       "augmentation; set data.text_aug_prob = 0 or pass no caption cache.")
+    pp = dataclasses.replace(pp, captions=False)  # the batch stage adds them
+  cached = any(c is not None for c in (text_cache, dense_cache, dense_tokens, caption_tokens))
   ds = (grain.MapDataset.range(sys.maxsize)
         .map(_Position(seed, n, steps_per_epoch * global_batch_size))
         .map(_TrainRecord(source))
         .map(_TrainExample(pp, tok, int(seed), cached)))
   ds = _shard(ds, global_batch_size, process_index, process_count)
-  return ds.map(_CachedFeatures(text_cache, dense_cache, dense_tokens)) if cached else ds
+  return (ds.map(_CachedFeatures(text_cache, dense_cache, dense_tokens, caption_tokens))
+          if cached else ds)
 
 
 def _eval_steps(num_items: int, global_batch_size: int) -> int:
@@ -320,22 +337,23 @@ class TrainLoader:
     dataset: the `grain.MapDataset` of this process's batches (`dataset[s]` = step s).
     text_cache, dense_cache: the cached frozen text features the batches carry, or None.
     dense_tokens: the split's tokenised dense captions the batches carry, or None.
+    caption_tokens: the split's tokenised captions the batches carry, or None.
   """
 
   def __init__(self, source, tok: tokenizer_lib.Tokenizer, pp: transforms.Preprocess, *,
                global_batch_size: int, seed: int, start_step: int = 0,
                process_index: int | None = None, process_count: int | None = None,
                num_workers: int = 0, prefetch: int = 2, text_cache=None, dense_cache=None,
-               dense_tokens=None):
+               dense_tokens=None, caption_tokens=None):
     self._it = None
     p, n = process_shard(process_index, process_count)
     self.seed = int(seed)
     self.text_cache, self.dense_cache = text_cache, dense_cache
-    self.dense_tokens = dense_tokens
+    self.dense_tokens, self.caption_tokens = dense_tokens, caption_tokens
     self.dataset = train_dataset(source, tok, pp, global_batch_size=int(global_batch_size),
                                  seed=self.seed, process_index=p, process_count=n,
                                  text_cache=text_cache, dense_cache=dense_cache,
-                                 dense_tokens=dense_tokens)
+                                 dense_tokens=dense_tokens, caption_tokens=caption_tokens)
     self.steps_per_epoch = len(source) // int(global_batch_size)
     self._num_workers, self._prefetch = int(num_workers), int(prefetch)
     self._step = int(start_step)
@@ -350,7 +368,9 @@ class TrainLoader:
     built here on first use). `tokenizes_dense` / `uses_dense`: the model's answers (its
     attributes of the same names): whether batches carry tokenised dense captions, and whether
     the model reads them (only then are their frozen features cached). Dense captions are
-    tokenised once per split (data/token_cache.py) unless `data.cache_dense_tokens` is off."""
+    tokenised once per split (data/token_cache.py) unless `data.cache_dense_tokens` is off;
+    captions too when training applies no text augmentation (`data.text_aug_prob = 0`) unless
+    `data.cache_caption_tokens` is off."""
     source = open_split(config.data, split)
     tok = tok or tokenizer_from_config(config)
     pp = Preprocess.from_config(config.data, dense=tokenizes_dense)
@@ -363,7 +383,11 @@ class TrainLoader:
                                                      flips=pp.hflip > 0)
                                if token_cache.enabled(config.data,
                                                       tokenizes_dense=tokenizes_dense)
-                               else None)}
+                               else None),
+              "caption_tokens": (token_cache.for_split(config.data, source, split, tok=tok,
+                                                       max_len=pp.max_len, flips=pp.hflip > 0,
+                                                       kind="captions")
+                                 if token_cache.captions_enabled(config.data) else None)}
     return cls(source, tok, pp,
                global_batch_size=global_batch_size, seed=seed, start_step=start_step,
                process_index=process_index, process_count=process_count,

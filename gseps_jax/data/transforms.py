@@ -58,6 +58,9 @@ class Preprocess:
   device_augment: bool = False
   canvas_size: int = 512
   dense: bool = True  # tokenise dense captions (False for models that read none, e.g. GRM)
+  # Tokenise the caption per example (False: the batch stage looks its tokens up in the split's
+  # caption token cache, data/token_cache.py; only without text augmentation).
+  captions: bool = True
 
   @classmethod
   def from_config(cls, data_config, *, dense: bool = True) -> "Preprocess":
@@ -238,16 +241,19 @@ def train_example(record: dict, rng: np.random.Generator, pp: Preprocess,
                   tok: tokenizer_lib.Tokenizer, *, with_choice: bool = False) -> Example:
   """One training example: a random one of the image's captions, augmented image and text (a
   flipped image's captions read left/right swapped). `with_choice` adds `caption_choice` (which
-  caption) and `flipped`, what the cached text features are looked up by."""
+  caption) and `flipped`, what the cached text features and tokens are looked up by. Without
+  `pp.captions` the example has no `input_ids`/`attention_mask` (the batch stage adds them)."""
   name = sources.example_name(record)
   captions = record["captions"]
   choice = int(rng.integers(len(captions)))
   caption = sources.as_text(captions[choice])
   out, flipped = train_image_fields(record["image"], rng, pp, name)
-  if flipped:
-    caption = swap_left_right(caption)
-  ids, mask = tok.encode(caption, pp.max_len, rng=rng, aug_prob=pp.text_aug_prob)
-  out.update(input_ids=ids, attention_mask=mask, image_index=np.int32(record["index"]))
+  if pp.captions:  # the last draws (text augmentation): skipping them changes no other draw
+    if flipped:
+      caption = swap_left_right(caption)
+    out["input_ids"], out["attention_mask"] = tok.encode(caption, pp.max_len, rng=rng,
+                                                         aug_prob=pp.text_aug_prob)
+  out["image_index"] = np.int32(record["index"])
   if pp.dense:  # no draws: skipping it leaves the stream as it is
     dense = sources.as_text(record["dense_caption"])
     out["dense_ids"], out["dense_mask"] = tok.encode(swap_left_right(dense) if flipped else dense,
