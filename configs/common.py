@@ -292,15 +292,23 @@ def _check_vit_image_size(c) -> None:
   size = (c.get("data", None) or {}).get("image_size", None)
   if vision.get("model_type") != "vit" or not _is_int(size):
     return
-  patch = vision.get("patch_size", 16)
-  patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+  spec = vision.get("patch_size", 16)
+  pair = isinstance(spec, (tuple, list))
+  if not pair:
+    _check_patch_side(size, spec, f"{spec}", "rows and columns")
+    return
+  for patch, side, lost in zip(spec, ("height", "width"), ("rows", "columns")):
+    _check_patch_side(size, patch, f"{tuple(spec)} (its {side} {patch})", lost)
+
+
+def _check_patch_side(size: int, patch, shown: str, lost: str) -> None:
   if _is_int(patch) and patch > 0 and size % patch:
     lo, hi = size - size % patch, size - size % patch + patch
     fits = f"{lo} or {hi}" if lo > 0 else f"{hi}"
     raise ConfigError(
         f"config.data.image_size = {size} is invalid: expected a multiple of the ViT patch size "
-        f"model.vision.patch_size = {patch}, e.g. {fits}; otherwise the image's last "
-        f"{size % patch} px (rows and columns) never reach the model "
+        f"model.vision.patch_size = {shown}, e.g. {fits}; otherwise the image's last "
+        f"{size % patch} px ({lost}) never reach the model "
         f"(--config.data.image_size=...).")
 
 

@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from tests import tiny
@@ -292,6 +293,14 @@ def test_validate_rejects_bad_values_and_accepts_every_shipped_config():
                      r"64 or 80; otherwise the image's last 1 px"):
     common.validate(c)
   c.data.image_size = 96  # another multiple: position embeddings are interpolated
+  common.validate(c)
+  vision = c.model.vision.to_dict()  # a (height, width) patch: each side must divide the size
+  c.model.vision = ml_collections.ConfigDict(dict(vision, patch_size=(16, 10)))
+  with pytest.raises(common.ConfigError, match=r"data.image_size = 96 .*patch_size = \(16, 10\) "
+                     r"\(its width 10\), e.g. 90 or 100; otherwise the image's last 6 px "
+                     r"\(columns\)"):
+    common.validate(c)
+  c.model.vision = ml_collections.ConfigDict(dict(vision, patch_size=(16, 8)))
   common.validate(c)
   c = seps_swin.get_config("tiny")
   c.data.image_size = 65  # Swin pads
