@@ -79,20 +79,32 @@ def test_dense_tokens_need_a_dense_pipeline(data, tok, tmp_path):
     _loader(data, tok, dataclasses.replace(PP, dense=False), dense_tokens=cache)
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_from_config_uses_the_cache_unless_switched_off(data, tok, tmp_path, on):
-  c = tiny.tiny_config("seps")
+def _tiny_config(model, data, tmp_path, **data_fields):
+  """`model`'s tiny config on the test's generated data, caches under tmp_path, `data_fields`
+  set on `config.data`."""
+  c = tiny.tiny_config(model)
   c.data.name, c.data.data_dir = data["name"], data["data_dir"]
   c.data.synthetic.update(data["synthetic"])
   c.data.text_cache_dir = str(tmp_path / "cache")
-  c.data.cache_dense_tokens = on
+  c.data.update(data_fields)
+  return c
+
+
+def _first_batch(c, tok, *, tokenizes_dense):
+  """(`TrainLoader.from_config(c)`, its first batch of 8); the loader is closed."""
   loader = pipeline.TrainLoader.from_config(c, global_batch_size=8, seed=0, process_index=0,
-                                            process_count=1, tok=tok, tokenizes_dense=True,
-                                            uses_dense=False)
+                                            process_count=1, tok=tok,
+                                            tokenizes_dense=tokenizes_dense, uses_dense=False)
   try:
-    batch = next(loader)
+    return loader, next(loader)
   finally:
     loader.close()
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_from_config_uses_the_cache_unless_switched_off(data, tok, tmp_path, on):
+  c = _tiny_config("seps", data, tmp_path, cache_dense_tokens=on)
+  loader, batch = _first_batch(c, tok, tokenizes_dense=True)
   assert (loader.dense_tokens is not None) == on
   assert batch["dense_ids"].shape == (8, c.data.dense_max_len)
   assert bool(list((tmp_path / "cache").glob("*_dense_tokens_*.npy"))) == on
@@ -149,18 +161,8 @@ def test_caption_tokens_refuse_an_augmenting_pipeline(data, tok, tmp_path):
                                          (0.2, True, False)])
 def test_from_config_caches_captions_only_without_augmentation(data, tok, tmp_path, aug, on,
                                                                 used):
-  c = tiny.tiny_config("grm")
-  c.data.name, c.data.data_dir = data["name"], data["data_dir"]
-  c.data.synthetic.update(data["synthetic"])
-  c.data.text_cache_dir = str(tmp_path / "cache")
-  c.data.text_aug_prob, c.data.cache_caption_tokens = aug, on
-  loader = pipeline.TrainLoader.from_config(c, global_batch_size=8, seed=0, process_index=0,
-                                            process_count=1, tok=tok, tokenizes_dense=False,
-                                            uses_dense=False)
-  try:
-    batch = next(loader)
-  finally:
-    loader.close()
+  c = _tiny_config("grm", data, tmp_path, text_aug_prob=aug, cache_caption_tokens=on)
+  loader, batch = _first_batch(c, tok, tokenizes_dense=False)
   assert (loader.caption_tokens is not None) == used
   assert batch["input_ids"].shape == batch["attention_mask"].shape == (8, c.data.max_len)
   assert bool(list((tmp_path / "cache").glob("*_captions_tokens_*.npy"))) == used
